@@ -1,0 +1,55 @@
+"""The `esm3-jax` command. Thin: each verb lives in the module that does the work.
+
+A verb's module defines `add_cli_arguments(parser)` and `cli_main(args) -> int`; it is imported
+only when that verb runs, so `esm3-jax --help` is instant and one verb's dependencies never
+slow down another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "forward": ("esm3_jax.inference", "batched forward pass of a checkpoint over an .npz of tokens"),
+    "convert": ("esm3_jax.convert", "PyTorch state dict (official release format) <-> esm3-jax checkpoint"),
+    "bench": ("esm3_jax.bench", "measure speed side by side with the reference and the matmul peak"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="esm3-jax",
+        description="ESM3 in JAX/Flax. Run `esm3-jax VERB --help` for a verb's options.",
+    )
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (_, help_text) in VERBS.items():
+        sub.add_parser(verb, help=help_text)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in VERBS:
+        parser = _top_parser()
+        if argv and not argv[0].startswith("-"):
+            parser.error(f"unknown verb '{argv[0]}'; choose from {', '.join(VERBS)}")
+        parser.print_help()
+        return 0 if argv else 2
+    verb = argv[0]
+    module = importlib.import_module(VERBS[verb][0])
+    parser = argparse.ArgumentParser(prog=f"esm3-jax {verb}", description=VERBS[verb][1])
+    module.add_cli_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.cli_main(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input of any kind: one clear line, no traceback.
+        print(f"esm3-jax {verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
