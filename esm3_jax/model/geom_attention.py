@@ -1,0 +1,100 @@
+"""SE(3)-invariant geometric attention (ESM3_SPEC section 3.2), computed in fp32.
+
+Each residue projects, per head, three rotation vectors (query and key direction, value) and two
+points (query and key for the distance term) in its own frame; moving them to the global frame
+before they interact is what makes the logits invariant to rotating and translating the protein:
+
+    logit_hij = softplus(w_rot_h) <qr_hi, kr_hj>/sqrt3 - softplus(w_dist_h) |qd_hi - kd_hj|/sqrt3 + bias_ij
+
+The bias reproduces the reference exactly: +1 for same-sequence pairs (not a mask), and the most
+negative float where the key has no frame or the two residues are on different chains.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from esm3_jax.model.layers import EMBED, LayerNorm, fan_in_init, param
+
+_INV_SQRT3 = 1.0 / math.sqrt(3.0)
+# Projection groups, in the reference's channel order.
+Q_ROT, K_ROT, VALUE, Q_DIST, K_DIST = range(5)
+
+
+def pairwise_distance(a_BxHxQx3: jnp.ndarray, b_BxHxKx3: jnp.ndarray) -> jnp.ndarray:
+    """Euclidean distances (B, H, Q, K) without materialising the (B, H, Q, K, 3) differences.
+
+    |a-b|^2 = |a|^2 + |b|^2 - 2 a.b loses precision when |a| and |b| are large compared with their
+    distance; callers centre the points on the protein first, which keeps the magnitudes at the
+    protein's radius. The small floor keeps the square root differentiable at zero.
+    """
+    sq = (
+        jnp.sum(a_BxHxQx3**2, -1)[..., :, None]
+        + jnp.sum(b_BxHxKx3**2, -1)[..., None, :]
+        - 2.0 * jnp.einsum("bhqc,bhkc->bhqk", a_BxHxQx3, b_BxHxKx3)
+    )
+    return jnp.sqrt(jnp.maximum(sq, 0.0) + 1e-12)
+
+
+class GeometricAttention(nn.Module):
+    d_model: int
+    v_heads: int
+    use_bias: bool = False
+    mask_and_zero_frameless: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BxLxD: jnp.ndarray,
+        rot_BxLx3x3: jnp.ndarray,
+        trans_BxLx3: jnp.ndarray,
+        frame_mask_BxL: jnp.ndarray,
+        sequence_id_BxL: jnp.ndarray,
+        chain_id_BxL: jnp.ndarray,
+    ) -> jnp.ndarray:
+        h = self.v_heads
+        out_dtype = x_BxLxD.dtype
+        y = LayerNorm(use_bias=self.use_bias, dtype=jnp.float32, name="norm")(x_BxLxD)
+        w_proj = param(self, "proj", (self.d_model, 5, h, 3), (EMBED, None, "geom_heads", None), fan_in_init())
+        p_BxLx5xHx3 = jnp.einsum("bld,dghc->blghc", y, w_proj)
+        if self.use_bias:
+            p_BxLx5xHx3 = p_BxLx5xHx3 + param(self, "proj_bias", (5, h, 3), (None, "geom_heads", None), nn.initializers.zeros)
+
+        # Centre translations on each row's mean: distances are translation
+        # invariant, and small magnitudes keep the expanded squared distance accurate in fp32.
+        trans = trans_BxLx3 - jax.lax.stop_gradient(jnp.mean(trans_BxLx3, axis=1, keepdims=True))
+        # Local -> global: v_global = R v_local (+ t for points).
+        g_BxLx5xHx3 = jnp.einsum("blij,blghj->blghi", rot_BxLx3x3, p_BxLx5xHx3)
+        to_bhl = lambda a: jnp.transpose(a, (0, 2, 1, 3))  # (B,L,H,3) -> (B,H,L,3)
+        q_rot, k_rot, value = (to_bhl(g_BxLx5xHx3[:, :, i]) for i in (Q_ROT, K_ROT, VALUE))
+        q_dist = to_bhl(g_BxLx5xHx3[:, :, Q_DIST] + trans[:, :, None])
+        k_dist = to_bhl(g_BxLx5xHx3[:, :, K_DIST] + trans[:, :, None])
+
+        w_rot = nn.softplus(param(self, "rotation_scale", (h,), ("geom_heads",), nn.initializers.zeros))
+        w_dist = nn.softplus(param(self, "distance_scale", (h,), ("geom_heads",), nn.initializers.zeros))
+        direction_BxHxLxL = jnp.einsum("bhqc,bhkc->bhqk", q_rot, k_rot) * _INV_SQRT3
+        distance_BxHxLxL = pairwise_distance(q_dist, k_dist) * _INV_SQRT3
+        logits = (
+            direction_BxHxLxL * w_rot[None, :, None, None]
+            - distance_BxHxLxL * w_dist[None, :, None, None]
+        )
+
+        bias_BxLxL = (sequence_id_BxL[:, :, None] == sequence_id_BxL[:, None, :]).astype(jnp.float32)
+        blocked = (~frame_mask_BxL[:, None, :]) | (chain_id_BxL[:, :, None] != chain_id_BxL[:, None, :])
+        bias_BxLxL = jnp.where(blocked, jnp.finfo(jnp.float32).min, bias_BxLxL)
+        probs = jax.nn.softmax(logits + bias_BxLxL[:, None], axis=-1)
+
+        o_BxHxLx3 = jnp.einsum("bhqk,bhkc->bhqc", probs, value)
+        # Global -> the query's local frame: R^T o.
+        o_BxLxHx3 = jnp.einsum("blji,bhlj->blhi", rot_BxLx3x3, o_BxHxLx3)
+        if self.mask_and_zero_frameless:
+            o_BxLxHx3 = jnp.where(frame_mask_BxL[:, :, None, None], o_BxLxHx3, 0.0)
+        w_out = param(self, "out", (h, 3, self.d_model), ("geom_heads", None, EMBED), fan_in_init(2))
+        out = jnp.einsum("blhc,hcd->bld", o_BxLxHx3, w_out)
+        if self.use_bias:
+            out = out + param(self, "out_bias", (self.d_model,), (EMBED,), nn.initializers.zeros)
+        return out.astype(out_dtype)

@@ -1,0 +1,179 @@
+"""Transformer building blocks shared by ESM3 and the VQ-VAE decoder (ESM3_SPEC section 2.1).
+
+Every parameter is created through `param` with logical axis names; the mapping to a device mesh
+lives in train/sharding.py only. Matmuls run in the configured compute dtype, with fp32 parameters,
+fp32 LayerNorm statistics and fp32 softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+Initializer = Callable[..., jnp.ndarray]
+
+# Logical names of activation axes.
+BATCH, LENGTH, EMBED = "batch", "length", "embed"
+
+
+def fan_in_init(fan_in_axes: int = 1) -> Initializer:
+    """Truncated normal with variance 1/fan_in over the first `fan_in_axes` kernel axes."""
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(fan_in_axes)), out_axis=-1
+    )
+
+
+def param(
+    module: nn.Module,
+    name: str,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    init: Initializer,
+    dtype: Dtype = jnp.float32,
+) -> jnp.ndarray:
+    """Create a parameter whose every axis carries a logical name (None = never sharded)."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def constrain(x: jnp.ndarray, axes: Sequence[str | None]) -> jnp.ndarray:
+    """Activation sharding hint by logical names; a no-op unless logical-axis rules are active."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the trailing `n_feature_axes` axes (eps 1e-5, as torch), fp32 statistics."""
+
+    axes: tuple[str | None, ...] = (EMBED,)
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        n = len(self.axes)
+        feature_shape = x.shape[-n:]
+        reduce_axes = tuple(range(-n, 0))
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=reduce_axes, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * param(self, "scale", feature_shape, self.axes, nn.initializers.ones)
+        if self.use_bias:
+            y = y + param(self, "bias", feature_shape, self.axes, nn.initializers.zeros)
+        return y.astype(self.dtype)
+
+
+def rotary_cos_sin(length: int, d_head: int, base: float = 10000.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """GPT-NeoX rotary tables (L, d_head/2) for positions 0..L-1, in fp32."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, d_head, 2, dtype=jnp.float32) / d_head))
+    angles_LxK = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(angles_LxK), jnp.sin(angles_LxK)
+
+
+def apply_rotary(x_BxLxHxK: jnp.ndarray, cos_LxK2: jnp.ndarray, sin_LxK2: jnp.ndarray) -> jnp.ndarray:
+    """Rotate-half (non-interleaved) RoPE over the whole head; math in fp32, result in x's dtype."""
+    x = x_BxLxHxK.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    cos = cos_LxK2[None, :, None, :]
+    sin = sin_LxK2[None, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+def dot_product_attention(
+    q_BxLxHxK: jnp.ndarray,
+    k_BxLxHxK: jnp.ndarray,
+    v_BxLxHxK: jnp.ndarray,
+    mask_BxLxL: jnp.ndarray | None,
+    implementation: str = "xla",
+) -> jnp.ndarray:
+    """Softmax attention with scale 1/sqrt(K); `mask` True where a query may see a key."""
+    if implementation == "cudnn":
+        mask = None if mask_BxLxL is None else mask_BxLxL[:, None]
+        return jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask, implementation="cudnn"
+        )
+    scale = 1.0 / math.sqrt(q_BxLxHxK.shape[-1])
+    logits_BxHxLxL = jnp.einsum(
+        "bqhk,bshk->bhqs", q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype), k_BxLxHxK,
+        preferred_element_type=jnp.float32,
+    )
+    if mask_BxLxL is not None:
+        logits_BxHxLxL = jnp.where(mask_BxLxL[:, None], logits_BxHxLxL, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
+    return jnp.einsum("bhqs,bshk->bqhk", probs, v_BxLxHxK)
+
+
+class MultiHeadAttention(nn.Module):
+    """Pre-LN self-attention: LN -> QKV (no bias) -> QK-LayerNorm over the full width -> RoPE."""
+
+    d_model: int
+    n_heads: int
+    dtype: Dtype = jnp.float32
+    implementation: str = "xla"
+
+    @nn.compact
+    def __call__(self, x_BxLxD, mask_BxLxL, cos, sin):
+        H, K = self.n_heads, self.d_model // self.n_heads
+        y = LayerNorm(dtype=self.dtype, name="norm")(x_BxLxD)
+        w_qkv = param(self, "qkv", (self.d_model, 3, H, K), (EMBED, None, "heads", "kv"), fan_in_init())
+        qkv = jnp.einsum("bld,dthk->blthk", y, w_qkv.astype(self.dtype))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # QK-LayerNorm normalises the whole d_model-wide vector, not each head (the reference's choice).
+        q = LayerNorm(("heads", "kv"), use_bias=False, dtype=self.dtype, name="q_norm")(q)
+        k = LayerNorm(("heads", "kv"), use_bias=False, dtype=self.dtype, name="k_norm")(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = dot_product_attention(q, k, v, mask_BxLxL, self.implementation)
+        w_out = param(self, "out", (H, K, self.d_model), ("heads", "kv", EMBED), fan_in_init(2))
+        return jnp.einsum("blhk,hkd->bld", o, w_out.astype(self.dtype))
+
+
+class SwiGLU(nn.Module):
+    """Pre-LN SwiGLU FFN: LN -> up (d -> 2h; the first half is the gate) -> silu(g) * u -> down."""
+
+    d_model: int
+    hidden: int
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        y = LayerNorm(dtype=self.dtype, name="norm")(x_BxLxD)
+        # Stored as (d, 2, h) so that sharding the hidden axis keeps gate and value together.
+        w_up = param(self, "up", (self.d_model, 2, self.hidden), (EMBED, None, "mlp"), fan_in_init())
+        gu = jnp.einsum("bld,dtf->bltf", y, w_up.astype(self.dtype))
+        if self.use_bias:
+            gu = gu + param(self, "up_bias", (2, self.hidden), (None, "mlp"), nn.initializers.zeros).astype(self.dtype)
+        h = nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+        h = constrain(h, (BATCH, LENGTH, "mlp"))
+        w_down = param(self, "down", (self.hidden, self.d_model), ("mlp", EMBED), fan_in_init())
+        out = jnp.einsum("blf,fd->bld", h, w_down.astype(self.dtype))
+        if self.use_bias:
+            out = out + param(self, "down_bias", (self.d_model,), (EMBED,), nn.initializers.zeros).astype(self.dtype)
+        return out
+
+
+class RegressionHead(nn.Module):
+    """Output head: Dense(d, d) -> GELU (erf) -> LayerNorm -> Dense(d, out), all with biases."""
+
+    d_model: int
+    out_features: int
+    out_axis: str | None = "vocab"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        w1 = param(self, "dense", (self.d_model, self.d_model), (EMBED, "mlp"), fan_in_init())
+        b1 = param(self, "dense_bias", (self.d_model,), ("mlp",), nn.initializers.zeros)
+        h = jnp.einsum("bld,df->blf", x_BxLxD, w1.astype(self.dtype)) + b1.astype(self.dtype)
+        h = nn.gelu(h, approximate=False)
+        h = LayerNorm(("mlp",), dtype=self.dtype, name="norm")(h)
+        w2 = param(self, "out", (self.d_model, self.out_features), ("mlp", self.out_axis), fan_in_init())
+        b2 = param(self, "out_bias", (self.out_features,), (self.out_axis,), nn.initializers.zeros)
+        return jnp.einsum("blf,fv->blv", h, w2.astype(self.dtype)) + b2.astype(self.dtype)

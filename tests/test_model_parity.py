@@ -1,0 +1,197 @@
+"""ESM3 forward parity with the reference PyTorch implementation (same random weights, fp32)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esm3_jax import tokens as T
+from esm3_jax.convert import esm3_params_to_torch, infer_esm3_config, torch_to_esm3_params
+from esm3_jax.model.esm3 import ESM3
+from tests.reference import build_reference_esm3, relative_error, run_reference
+
+TOL = 1e-4
+D, H, VH, NL = 64, 4, 8, 3
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_reference_esm3(D, H, VH, NL, seed=0)
+
+
+def _jax_forward(state, inputs, scan_layers=True):
+    cfg = infer_esm3_config(state, H, scan_layers=scan_layers)
+    params = torch_to_esm3_params(state, cfg)
+    fn = jax.jit(lambda p, x: ESM3(cfg).apply({"params": p}, **x))
+    out = fn(params, {k: (None if v is None else jnp.asarray(v)) for k, v in inputs.items()})
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _compare(reference, inputs, scan_layers=True):
+    model, state = reference
+    ref = run_reference(model, inputs)
+    got = _jax_forward(state, inputs, scan_layers)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        assert np.all(np.isfinite(got[k])), f"{k} has non-finite values"
+        err = relative_error(got[k], ref[k])
+        assert err <= TOL, f"{k}: relative error {err:.2e} > {TOL}"
+
+
+def _rng(seed=1):
+    return np.random.default_rng(seed)
+
+
+def _backbone(rng, B, L):
+    """A random-walk chain of backbone atoms at realistic spacing (3.8 Å CA-CA), in Å."""
+    ca = np.cumsum(rng.normal(size=(B, L, 3)) * 2.2, axis=1) + rng.normal(size=(B, 1, 3)) * 30
+    n = ca + rng.normal(size=(B, L, 3)) * 0.8 + np.array([0.5, 1.3, 0.0])
+    c = ca + rng.normal(size=(B, L, 3)) * 0.8 - np.array([1.5, 0.0, 0.0])
+    return np.stack([n, ca, c], axis=2).astype(np.float32)
+
+
+def _sequence(rng, B, L):
+    seq = rng.integers(4, 24, size=(B, L)).astype(np.int32)
+    seq[:, 0], seq[:, -1] = T.SEQUENCE_BOS, T.SEQUENCE_EOS
+    return seq
+
+
+def test_sequence_structure_tokens_and_coordinates(reference):
+    rng = _rng(1)
+    B, L = 2, 24
+    coords = _backbone(rng, B, L)
+    coords[:, [0, -1]] = np.nan  # BOS/EOS carry no coordinates
+    _compare(reference, dict(
+        sequence_tokens=_sequence(rng, B, L),
+        structure_tokens=rng.integers(0, 4096, size=(B, L)).astype(np.int32),
+        structure_coords=coords,
+    ))
+
+
+def test_every_track_filled(reference):
+    rng = _rng(2)
+    B, L = 2, 20
+    ra = rng.integers(0, T.RESIDUE_VOCAB_SIZE, size=(B, L, 16)).astype(np.int32)
+    ra[rng.random((B, L, 16)) < 0.6] = 0  # mostly padded id lists, as real annotations are
+    inputs = dict(
+        sequence_tokens=_sequence(rng, B, L),
+        structure_tokens=rng.integers(0, 4096, size=(B, L)).astype(np.int32),
+        ss8_tokens=rng.integers(0, T.SS8_VOCAB_SIZE, size=(B, L)).astype(np.int32),
+        sasa_tokens=rng.integers(0, T.SASA_VOCAB_SIZE, size=(B, L)).astype(np.int32),
+        function_tokens=rng.integers(0, T.FUNCTION_VOCAB_SIZE, size=(B, L, 8)).astype(np.int32),
+        residue_annotation_tokens=ra,
+        average_plddt=np.repeat(rng.random((B, 1)), L, axis=1).astype(np.float32),
+        per_res_plddt=rng.random((B, L)).astype(np.float32),
+        structure_coords=_backbone(rng, B, L),
+        chain_id=np.repeat((np.arange(L) >= L // 2)[None], B, axis=0).astype(np.int32),
+    )
+    _compare(reference, inputs)
+    _compare(reference, inputs, scan_layers=False)
+
+
+def test_packed_rows_with_sequence_id(reference):
+    rng = _rng(3)
+    B, L = 2, 30
+    seq = _sequence(rng, B, L)
+    sequence_id = np.zeros((B, L), np.int32)
+    sequence_id[:, 12:] = 1
+    sequence_id[1, 22:] = 2
+    for start in (12, 22):
+        seq[:, start - 1], seq[:, start] = T.SEQUENCE_EOS, T.SEQUENCE_BOS
+    _compare(reference, dict(
+        sequence_tokens=seq, structure_coords=_backbone(rng, B, L), sequence_id=sequence_id,
+        chain_id=sequence_id.copy(),
+    ))
+
+
+def test_missing_coordinates_and_nan(reference):
+    rng = _rng(4)
+    B, L = 3, 18
+    coords = _backbone(rng, B, L)
+    coords[0, 3:7] = np.nan  # a gap
+    coords[1, 5, 2] = np.nan  # one missing atom invalidates the residue
+    coords[2] = np.nan  # a protein with no coordinates at all
+    _compare(reference, dict(sequence_tokens=_sequence(rng, B, L), structure_coords=coords))
+    got = _jax_forward(reference[1], dict(sequence_tokens=_sequence(rng, B, L), structure_coords=coords))
+    assert all(np.all(np.isfinite(v)) for v in got.values())
+
+
+def test_padded_batch_of_different_lengths(reference):
+    rng = _rng(5)
+    lengths, L = (26, 17, 9), 26
+    seq = np.full((3, L), T.SEQUENCE_PAD, np.int32)
+    coords = np.full((3, L, 3, 3), np.nan, np.float32)
+    for i, n in enumerate(lengths):
+        seq[i, :n] = _sequence(rng, 1, n)[0]
+        coords[i, 1 : n - 1] = _backbone(rng, 1, n - 2)[0]
+    # The reference's batched path passes a boolean "is real token" array as sequence_id.
+    sequence_id = seq != T.SEQUENCE_PAD
+    _compare(reference, dict(sequence_tokens=seq, structure_coords=coords, sequence_id=sequence_id))
+
+
+def _read_backbone(path: Path, max_residues: int):
+    gemmi = pytest.importorskip("gemmi")
+    st = gemmi.read_structure(str(path))
+    st.setup_entities()
+    chain = st[0][0]
+    residues = [r for r in chain if gemmi.find_tabulated_residue(r.name) and gemmi.find_tabulated_residue(r.name).is_amino_acid()]
+    residues = residues[:max_residues]
+    coords = np.full((len(residues), 3, 3), np.nan, np.float32)
+    letters = []
+    for i, r in enumerate(residues):
+        for j, atom in enumerate(("N", "CA", "C")):
+            a = r.find_atom(atom, "*")
+            if a is not None:
+                coords[i, j] = (a.pos.x, a.pos.y, a.pos.z)
+        letters.append(gemmi.find_tabulated_residue(r.name).one_letter_code.upper())
+    return "".join(letters), coords
+
+
+def test_real_protein_structure(reference):
+    index = DATA / "structures" / "index.jsonl"
+    if not index.is_file():
+        pytest.skip(f"real structures not found at {index}")
+    seq, bb = _read_backbone(DATA / "structures" / "biopython_tests" / "1A8O.cif.gz", 64) if (
+        DATA / "structures" / "biopython_tests" / "1A8O.cif.gz").exists() else (None, None)
+    if seq is None:
+        import json
+        row = json.loads(index.read_text().splitlines()[0])
+        seq, bb = _read_backbone(DATA / "structures" / row["file"], 64)
+    vocab = {c: i for i, c in enumerate(T.SEQUENCE_VOCAB)}
+    tokens = np.array([[T.SEQUENCE_BOS] + [vocab.get(c, vocab["X"]) for c in seq] + [T.SEQUENCE_EOS]], np.int32)
+    coords = np.full((1, len(seq) + 2, 3, 3), np.nan, np.float32)
+    coords[0, 1:-1] = bb
+    _compare(reference, dict(sequence_tokens=tokens, structure_coords=coords))
+
+
+def test_state_dict_round_trip_loads_strictly_into_reference(reference):
+    import torch
+
+    model, state = reference
+    cfg = infer_esm3_config(state, H)
+    back = esm3_params_to_torch(torch_to_esm3_params(state, cfg), cfg)
+    assert set(back) == set(state)
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+
+def test_open_model_shape_parameter_count():
+    from esm3_jax.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "esm3_open_1.4b.yaml").model
+    assert cfg.param_count() == 1_401_735_748
+    abstract = jax.eval_shape(
+        lambda: ESM3(cfg).init(jax.random.key(0), sequence_tokens=jnp.zeros((1, 4), jnp.int32))
+    )
+    import flax.linen as nn
+
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract)))
+    assert n == 1_401_735_748
