@@ -15,7 +15,15 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "forward": ("esm3_jax.inference", "batched forward pass of a checkpoint over an .npz of tokens"),
     "convert": ("esm3_jax.convert", "PyTorch state dict (official release format) <-> esm3-jax checkpoint"),
+    "preprocess": ("esm3_jax.data.preprocess", "FASTA / jsonl / PDB+mmCIF folders / label files -> ArrayRecord shards"),
+    "build-function-vocab": ("esm3_jax.data.function_tokens", "function keyword vocabulary, IDF and LSH hyperplanes from text"),
+    "train": ("esm3_jax.train.loop", "pretrain (or resume) ESM3 as a config says: sharded, checkpointed, logged"),
+    "checkpoint-info": ("esm3_jax.train.checkpoint", "a training checkpoint's step, config summary and params fingerprint"),
+    "aot": ("esm3_jax.train.aot", "compile the train step for a TPU topology without a TPU: memory, FLOPs, fits"),
     "bench": ("esm3_jax.bench", "measure speed side by side with the reference and the matmul peak"),
+    "tokenize-structure": ("esm3_jax.tokenize_structure", "PDB/mmCIF chains -> VQ-VAE structure tokens (.npz, one array per chain)"),
+    "decode-structure": ("esm3_jax.decode_structure", "structure tokens (.npz) -> backbone PDBs with pLDDT, and pTM"),
+    "train-vqvae": ("esm3_jax.train.vqvae", "train the VQ-VAE structure tokenizer from a configs/vqvae_*.yaml"),
 }
 
 
