@@ -92,10 +92,10 @@ def bench_forward(config: str, batch: int, length: int, repeats: int, reference:
     flops = forward_flops_per_token(cfg, length) * tokens
     print(f"config {config}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
           f"{cfg.v_heads} geometric heads, {cfg.param_count():,} params; batch {batch} x {length}, "
-          f"every track + coordinates, {cfg.compute_dtype}, {jax.devices()[0].platform}")
+          f"every track + coordinates, {jnp.dtype(cfg.dtype).name}, {jax.devices()[0].platform}")
 
-    peak = matmul_peak_flops(cfg.compute_dtype)
-    print(f"matmul peak (XLA, {cfg.compute_dtype}, 2048^3): {peak / 1e9:.1f} GFLOP/s")
+    peak = matmul_peak_flops(jnp.dtype(cfg.dtype).name)
+    print(f"matmul peak (XLA, {jnp.dtype(cfg.dtype).name}, 2048^3): {peak / 1e9:.1f} GFLOP/s")
 
     params = nn.unbox(init_params(cfg, jax.random.key(0)))
     model = ESM3(cfg)

@@ -195,3 +195,35 @@ def test_open_model_shape_parameter_count():
 
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract)))
     assert n == 1_401_735_748
+
+
+def test_bfloat16_compute_stays_close_to_float32(reference):
+    """bf16 matmuls with fp32 params, geometry and softmax: finite, and close to the fp32 result."""
+    rng = _rng(6)
+    B, L = 2, 24
+    inputs = dict(sequence_tokens=_sequence(rng, B, L), structure_coords=_backbone(rng, B, L))
+    state = reference[1]
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = infer_esm3_config(state, H, compute_dtype=dtype)
+        params = torch_to_esm3_params(state, cfg)
+        outs[dtype] = jax.jit(lambda p, x: ESM3(cfg).apply({"params": p}, **x))(
+            params, {k: jnp.asarray(v) for k, v in inputs.items()})
+    for k, v in outs["bfloat16"].items():
+        assert v.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(v))), k
+        assert relative_error(np.asarray(v), np.asarray(outs["float32"][k])) < 5e-2, k
+
+
+def test_every_parameter_carries_logical_axis_names():
+    import flax.linen as nn
+
+    from esm3_jax.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").model
+    boxed = jax.eval_shape(lambda: ESM3(cfg).init(jax.random.key(0), sequence_tokens=jnp.zeros((1, 4), jnp.int32)))
+    leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    for x in leaves:
+        assert len(x.names) == len(x.value.shape)
+    names = {n for x in leaves for n in x.names if n}
+    assert {"embed", "mlp", "heads", "kv", "vocab", "layers", "geom_heads"} <= names

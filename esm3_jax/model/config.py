@@ -16,11 +16,22 @@ class ModelConfig:
     n_layers_geom: int = 1  # blocks (from the first) that carry the geometric sublayer
     ffn_expansion: float = 8 / 3  # SwiGLU hidden = ceil(ratio * d / 256) * 256
     scale_residue: bool = True  # divide every branch by sqrt(n_layers / 36)
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # "auto": bfloat16 on GPU/TPU, float32 on the CPU. Geometry and softmax stay fp32 regardless.
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     param_dtype: Literal["float32"] = "float32"
     scan_layers: bool = True  # nn.scan over the plain blocks: compile time independent of depth
     remat: Literal["none", "minimal", "full"] = "none"
     attention: Literal["xla", "cudnn"] = "xla"
+
+    @property
+    def dtype(self):
+        """The resolved compute dtype."""
+        import jax
+        import jax.numpy as jnp
+
+        if self.compute_dtype == "auto":
+            return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+        return jnp.dtype(self.compute_dtype)
 
     @property
     def d_head(self) -> int:

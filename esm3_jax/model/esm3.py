@@ -166,7 +166,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD, mask_BxLxL, cos, sin, geom=None):
         cfg = self.config
-        dt = jnp.dtype(cfg.compute_dtype)
+        dt = cfg.dtype
         s = cfg.residual_scale
         x_BxLxD = constrain(x_BxLxD, (BATCH, LENGTH, EMBED))
         a = MultiHeadAttention(cfg.d_model, cfg.n_heads, dt, cfg.attention, name="attn")(x_BxLxD, mask_BxLxL, cos, sin)
@@ -273,11 +273,11 @@ class ESM3(nn.Module):
         h_BxLxD = Trunk(cfg, name="trunk")(h_BxLxD, mask_BxLxL, geom)
 
         embeddings = h_BxLxD
-        normed = LayerNorm(use_bias=False, dtype=jnp.dtype(cfg.compute_dtype), name="final_norm")(h_BxLxD)
+        normed = LayerNorm(use_bias=False, dtype=cfg.dtype, name="final_norm")(h_BxLxD)
         out = {"embeddings": embeddings.astype(jnp.float32)}
         for name, n_out in HEADS.items():
             logits = RegressionHead(
-                cfg.d_model, n_out, dtype=jnp.dtype(cfg.compute_dtype), name=f"{name}_head"
+                cfg.d_model, n_out, dtype=cfg.dtype, name=f"{name}_head"
             )(normed)
             out[OUTPUT_KEYS[name]] = logits.astype(jnp.float32)
         fl = out["function_logits"]
