@@ -227,3 +227,20 @@ def test_every_parameter_carries_logical_axis_names():
         assert len(x.names) == len(x.value.shape)
     names = {n for x in leaves for n in x.names if n}
     assert {"embed", "mlp", "heads", "kv", "vocab", "layers", "geom_heads"} <= names
+
+
+def test_scanned_trunk_program_size_is_independent_of_depth():
+    """nn.scan keeps one copy of the block in the program, so 216 layers compile like 8."""
+    from esm3_jax.config import load_config
+
+    sizes = {}
+    for n_layers in (8, 216):
+        cfg = load_config(None, [f"model.n_layers={n_layers}", "model.d_model=32", "model.n_heads=2",
+                                 "model.v_heads=4", "model.remat=full"]).model
+        tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+        params = jax.eval_shape(lambda: ESM3(cfg).init(jax.random.key(0), sequence_tokens=jnp.zeros((1, 16), jnp.int32)))
+        lowered = jax.jit(lambda p, t: ESM3(cfg).apply(p, sequence_tokens=t)).lower(params, tokens)
+        text = lowered.as_text()
+        assert "while" in text
+        sizes[n_layers] = len(text)
+    assert abs(sizes[216] - sizes[8]) / sizes[8] < 0.02, sizes
