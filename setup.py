@@ -25,6 +25,7 @@ setup(
         "gemmi>=0.7,<0.8",
         "biotite>=1.2,<2",
         "tmtools>=0.2",
+        "scipy>=1.10",
     ],
     extras_require={
         # The reference implementation, for parity tests and side-by-side benchmarks. torch is
@@ -35,6 +36,7 @@ setup(
             "torch==2.13.0",
             "esm==3.2.1.post1",
             "httpx",  # imported by esm but not declared by it
+            "freesasa==2.2.1",  # cross-check of our Shrake-Rupley SASA
         ],
         "tpu-aot": ["libtpu"],
     },

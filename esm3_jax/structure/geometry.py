@@ -1,0 +1,215 @@
+"""Backbone geometry and structure comparison on the host, in numpy.
+
+Frames follow ESM3_SPEC 3.1 exactly (the jnp twin used inside the model is
+esm3_jax/model/frames.py; tests check they agree). Comparison metrics: Kabsch superposition and
+RMSD, LDDT (CA and all-atom) and TM-score (through tmtools' TM-align).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tmtools
+from scipy.spatial import cKDTree
+
+from esm3_jax.structure import residue_constants as rc
+
+# Ideal backbone in a residue's local frame (ESM3_SPEC 3.1; the structure decoder places atoms
+# as R @ IDEAL_BACKBONE + t). Rows: N, CA, C.
+IDEAL_BACKBONE_3x3 = np.array(
+    [[0.5256, 1.3612, 0.0], [0.0, 0.0, 0.0], [-1.5251, 0.0, 0.0]], dtype=np.float32
+)
+# Same bound as the spec's validity test: anything at or beyond it counts as missing.
+MAX_COORDINATE = 1e6
+# Carbonyl geometry (Engh & Huber): C=O length and the CA-C-O angle; O lies in the peptide
+# plane on the side away from the next residue's N.
+C_O_BOND = 1.231
+CA_C_O_ANGLE = np.deg2rad(120.5)
+# A C(i)-N(i+1) distance beyond this is a chain gap, not a peptide bond (bonded: ~1.33 Å).
+MAX_PEPTIDE_BOND = 2.0
+
+
+def gram_schmidt(x_axis: np.ndarray, xy_plane: np.ndarray, eps: float = 1e-10) -> np.ndarray:
+    """Rotation (..., 3, 3) whose columns are e1 || x_axis, e2 in the (x_axis, xy_plane) plane, e3."""
+    e1 = x_axis / np.sqrt(np.sum(x_axis**2, axis=-1, keepdims=True) + eps)
+    u = xy_plane - e1 * np.sum(e1 * xy_plane, axis=-1, keepdims=True)
+    e2 = u / np.sqrt(np.sum(u**2, axis=-1, keepdims=True) + eps)
+    return np.stack([e1, e2, np.cross(e1, e2)], axis=-1)
+
+
+def backbone_valid(coords_Lx3x3: np.ndarray) -> np.ndarray:
+    """(..., L) bool: all 9 N/CA/C numbers finite and below MAX_COORDINATE in magnitude."""
+    with np.errstate(invalid="ignore"):
+        return (np.abs(coords_Lx3x3[..., :3, :]) < MAX_COORDINATE).all(axis=(-1, -2))
+
+
+def backbone_frames(coords_Lx3x3: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-residue frames from (..., L, 3+, 3) N/CA/C coordinates: (rot ..., L, 3, 3; trans ..., L, 3; mask).
+
+    Origin CA; x along CA - C; N in the +y half of the xy-plane; columns of rot are the axes, so
+    rot @ local + trans = global. Residues without a full backbone get the spec's "black-hole"
+    frame built from the mean valid N, CA and C (identity at the origin if there are none).
+    """
+    coords = np.asarray(coords_Lx3x3, np.float32)[..., :3, :]
+    mask_L = backbone_valid(coords)
+    coords = np.where(mask_L[..., None, None], coords, 0.0)
+    n_valid = mask_L.sum(-1).astype(np.float32)[..., None, None]  # (..., 1, 1)
+    mean_3x3 = coords.sum(-3) / np.maximum(n_valid, 1.0)  # (..., 3 atoms, 3)
+    mean_rot_3x3 = gram_schmidt(mean_3x3[..., 1, :] - mean_3x3[..., 2, :], mean_3x3[..., 0, :] - mean_3x3[..., 1, :])
+    mean_rot_3x3 = np.where(n_valid > 0, mean_rot_3x3, np.eye(3, dtype=np.float32))
+
+    n, ca, c = coords[..., 0, :], coords[..., 1, :], coords[..., 2, :]
+    rot_Lx3x3 = gram_schmidt(ca - c, n - ca)
+    rot_Lx3x3 = np.where(mask_L[..., None, None], rot_Lx3x3, mean_rot_3x3[..., None, :, :])
+    trans_Lx3 = np.where(mask_L[..., None], ca, mean_3x3[..., None, 1, :])
+    return rot_Lx3x3.astype(np.float32), trans_Lx3.astype(np.float32), mask_L
+
+
+def ideal_backbone(rot_Lx3x3: np.ndarray, trans_Lx3: np.ndarray) -> np.ndarray:
+    """(..., L, 3, 3) N/CA/C placed from frames with the ideal local backbone (the decoder's step)."""
+    return np.einsum("...ij,aj->...ai", rot_Lx3x3, IDEAL_BACKBONE_3x3) + trans_Lx3[..., None, :]
+
+
+def place_oxygen(coords_Lx3x3: np.ndarray) -> np.ndarray:
+    """(L, 3) carbonyl O of each residue from its N/CA/C and the next residue's N.
+
+    The carbonyl is planar, so O lies in the CA, C, N(i+1) plane at the ideal C=O length and
+    CA-C-O angle. NaN where that plane is undefined: the last residue, a missing atom, or a gap
+    (C(i)-N(i+1) > MAX_PEPTIDE_BOND).
+    """
+    coords = np.asarray(coords_Lx3x3, np.float64)
+    ca, c = coords[:, 1], coords[:, 2]
+    n_next = np.concatenate([coords[1:, 0], np.full((1, 3), np.nan)])
+    # Local frame at C: x towards CA, y towards the next N (orthogonalised).
+    rot = gram_schmidt(ca - c, n_next - c)
+    local_o = C_O_BOND * np.array([np.cos(CA_C_O_ANGLE), -np.sin(CA_C_O_ANGLE), 0.0])
+    o = c + rot @ local_o
+    with np.errstate(invalid="ignore"):
+        bonded = np.linalg.norm(n_next - c, axis=-1) <= MAX_PEPTIDE_BOND
+    return np.where(bonded[:, None], o, np.nan).astype(np.float32)
+
+
+def with_oxygen(coords_Lx37x3: np.ndarray, *, only_missing: bool = True) -> np.ndarray:
+    """atom37 coordinates with O placed from the backbone (where missing, or everywhere)."""
+    out = np.array(coords_Lx37x3, np.float32)
+    o = place_oxygen(out[:, :3])
+    replace = np.isfinite(o).all(-1)
+    if only_missing:
+        replace &= ~np.isfinite(out[:, rc.O_IDX]).all(-1)
+    out[replace, rc.O_IDX] = o[replace]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Superposition and metrics
+
+
+def kabsch(
+    mobile_Nx3: np.ndarray, target_Nx3: np.ndarray, weights_N: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rot 3x3, trans 3) minimising the weighted RMSD of mobile @ rot.T + trans to target.
+
+    Rows with a non-finite coordinate in either set are left out (as is weight 0).
+    """
+    mobile = np.asarray(mobile_Nx3, np.float64)
+    target = np.asarray(target_Nx3, np.float64)
+    w = np.ones(len(mobile)) if weights_N is None else np.asarray(weights_N, np.float64)
+    w = np.where(np.isfinite(mobile).all(-1) & np.isfinite(target).all(-1), w, 0.0)
+    if (w > 0).sum() < 3:
+        raise ValueError(f"superposition needs at least 3 shared points, got {int((w > 0).sum())}")
+    mobile, target = np.nan_to_num(mobile), np.nan_to_num(target)
+    w = w / w.sum()
+    mu_m, mu_t = w @ mobile, w @ target
+    cov = ((mobile - mu_m) * w[:, None]).T @ (target - mu_t)
+    u, _, vt = np.linalg.svd(cov)
+    # Flip the last axis if needed so the result is a proper rotation, never a reflection.
+    d = np.sign(np.linalg.det(vt.T @ u.T))
+    rot = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    return rot, mu_t - mu_m @ rot.T
+
+
+def rmsd(mobile_Nx3: np.ndarray, target_Nx3: np.ndarray, *, superpose: bool = True) -> float:
+    """RMSD over the points finite in both sets, after optimal superposition unless told not to."""
+    mobile = np.asarray(mobile_Nx3, np.float64).reshape(-1, 3)
+    target = np.asarray(target_Nx3, np.float64).reshape(-1, 3)
+    if superpose:
+        rot, trans = kabsch(mobile, target)
+        mobile = mobile @ rot.T + trans
+    shared = np.isfinite(mobile).all(-1) & np.isfinite(target).all(-1)
+    if not shared.any():
+        raise ValueError("no point is present in both structures")
+    return float(np.sqrt(np.mean(np.sum((mobile[shared] - target[shared]) ** 2, -1))))
+
+
+LDDT_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
+
+
+def lddt(
+    pred_LxAx3: np.ndarray,
+    true_LxAx3: np.ndarray,
+    *,
+    cutoff: float = 15.0,
+    per_residue: bool = False,
+    exclude_intra_residue: bool = True,
+) -> float | np.ndarray:
+    """Superposition-free LDDT (Mariani et al. 2013) over atoms present in both structures.
+
+    Pairs are the atoms of different residues within `cutoff` Å in the true structure; each
+    scores the fraction of thresholds 0.5/1/2/4 Å its distance error stays under. Inputs are
+    (L, A, 3) with any atom count A: atom37 for all-atom LDDT, CA only (A=1) for LDDT-CA. The
+    global score pools all pairs (as AlphaFold and the ESM reference do); per_residue averages
+    over the pairs that involve each residue (NaN for a residue with none).
+    `exclude_intra_residue=False` also scores pairs within a residue, which is what the ESM
+    reference's flattened all-atom variant does.
+    """
+    pred = np.asarray(pred_LxAx3, np.float64)
+    true = np.asarray(true_LxAx3, np.float64)
+    if pred.shape != true.shape:
+        raise ValueError(f"shape mismatch: pred {pred.shape}, true {true.shape}")
+    n_res, n_atoms = true.shape[:2]
+    present = np.isfinite(pred).all(-1) & np.isfinite(true).all(-1)
+    residue_of_atom = np.broadcast_to(np.arange(n_res)[:, None], (n_res, n_atoms))[present]
+    true_pts, pred_pts = true[present], pred[present]
+    # Neighbour search keeps this O(N * neighbours) instead of materialising N^2 distances.
+    pairs = cKDTree(true_pts).query_pairs(cutoff, output_type="ndarray")
+    # query_pairs is inclusive at the cutoff; LDDT's inclusion radius is strict.
+    d_true = np.linalg.norm(true_pts[pairs[:, 0]] - true_pts[pairs[:, 1]], axis=-1)
+    keep = d_true < cutoff
+    if exclude_intra_residue:
+        keep &= residue_of_atom[pairs[:, 0]] != residue_of_atom[pairs[:, 1]]
+    pairs, d_true = pairs[keep], d_true[keep]
+    d_pred = np.linalg.norm(pred_pts[pairs[:, 0]] - pred_pts[pairs[:, 1]], axis=-1)
+    err = np.abs(d_true - d_pred)
+    score = np.mean([err < t for t in LDDT_THRESHOLDS], axis=0)
+    if not per_residue:
+        return float(score.mean()) if len(score) else float("nan")
+    # Each pair counts for both of its atoms' residues, as the reference's symmetric matrix does.
+    res_a, res_b = residue_of_atom[pairs[:, 0]], residue_of_atom[pairs[:, 1]]
+    total = np.bincount(res_a, score, n_res) + np.bincount(res_b, score, n_res)
+    count = np.bincount(res_a, minlength=n_res) + np.bincount(res_b, minlength=n_res)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / count).astype(np.float32)
+
+
+def lddt_ca(pred_Lx37x3: np.ndarray, true_Lx37x3: np.ndarray, **kwargs) -> float | np.ndarray:
+    """LDDT over CA atoms only (inputs atom37 (L, 37, 3) or CA (L, 3))."""
+    pred, true = np.asarray(pred_Lx37x3), np.asarray(true_Lx37x3)
+    if pred.ndim == 3:
+        pred, true = pred[:, rc.CA_IDX], true[:, rc.CA_IDX]
+    return lddt(pred[:, None], true[:, None], **kwargs)
+
+
+def tm_score(pred_ca_Lx3: np.ndarray, true_ca_Mx3: np.ndarray, pred_seq: str, true_seq: str) -> float:
+    """TM-score of a model against the reference, normalised by the reference's length.
+
+    Computed by TM-align (tmtools), which finds its own residue alignment, so the two need not
+    correspond residue by residue. Residues with a missing CA are dropped first.
+    """
+    pred = np.asarray(pred_ca_Lx3, np.float64)
+    true = np.asarray(true_ca_Mx3, np.float64)
+    keep_p, keep_t = np.isfinite(pred).all(-1), np.isfinite(true).all(-1)
+    if keep_p.sum() < 3 or keep_t.sum() < 3:
+        raise ValueError("TM-score needs at least 3 residues with a CA in each structure")
+    seq_p = "".join(np.array(list(pred_seq))[keep_p])
+    seq_t = "".join(np.array(list(true_seq))[keep_t])
+    result = tmtools.tm_align(pred[keep_p], true[keep_t], seq_p, seq_t)
+    return float(result.tm_norm_chain2)
