@@ -1,0 +1,569 @@
+"""`esm3-jax preprocess`: raw proteins -> ArrayRecord shards of tokenized `ProteinRecord`s.
+
+Inputs (any mix, in the order given): FASTA (sequence only), jsonl rows of sequence + DSSP string
+(sequence + SS8, optional function labels), per-residue label files (sequence + residue annotations),
+and PDB/mmCIF files or folders (every structure track). See sources.py for the formats.
+
+The output folder holds:
+
+    shard-00000.array_record ...  the records; shard k holds the proteins of input entries
+                                  [k * records_per_shard, (k + 1) * records_per_shard)
+    manifest.json                 counts (records, tokens, rejects by reason), which tracks the records
+                                  carry, a length histogram, per-input counts, shard checksums
+    rejects.jsonl                 one line per skipped protein: source, id, reason, detail. Reasons:
+                                  unparsable, empty, too short, unknown letters, length mismatch,
+                                  no backbone, no protein chains, bad coordinates, bad function label,
+                                  structure features failed
+    progress.jsonl                the run's settings, then one line per finished shard (for resume)
+
+Why shards are cut by *input entry* rather than by kept record: a shard's content then depends only
+on its own slice of the input, so workers never wait on each other, any worker count gives
+byte-identical shards, and a resumed run knows which shard an entry belongs to without re-parsing
+everything before it. (A structure file is one entry; all its chains go to its shard.)
+
+Resume: each shard is written to a hidden temporary name and renamed when complete; its sha256 is
+then appended to progress.jsonl. A rerun with the same settings skips every shard whose file is
+present with that checksum and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from esm3_jax import tokens as T
+from esm3_jax.data import function_tokens as ft
+from esm3_jax.data import records
+from esm3_jax.data import sources as src
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+PROGRESS = "progress.jsonl"
+SHARD_PREFIX = "shard"
+MANIFEST_VERSION = 1
+
+# Track names as the manifest reports them (the ProteinRecord fields other than id/source).
+TRACKS = tuple(f.name for f in dataclasses.fields(records.ProteinRecord) if f.name not in ("id", "source"))
+# Length histogram bins: powers of two, so a glance tells how much a crop length would cut.
+_HIST_EDGES = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 62)
+
+# Residue letters a protein may hold; tokens.py also accepts gap, chain-break and mask symbols, which
+# in a raw input mean a malformed record rather than a residue.
+_RESIDUE_LETTERS = frozenset("LAGVSERTIDPKQNFYMHWCXBUZO")
+
+
+class PreprocessError(ValueError):
+    """The run as a whole cannot proceed (every record rejected, an output folder from other settings)."""
+
+
+class StructureEncoderUnavailable(ValueError):
+    """--structure-encoder was given but the structure tokenizer is not part of this installation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything that decides the output bytes; a resumed run must match it exactly."""
+
+    inputs: tuple[tuple[str, str], ...]  # (path, kind) in order
+    records_per_shard: int = 10_000
+    min_length: int = 1
+    function_vocab: str | None = None  # directory of save_function_vocab files
+    structure_encoder: str | None = None
+    parse: src.ParseOptions = src.ParseOptions()
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise ValueError("no inputs to preprocess")
+        if self.records_per_shard <= 0:
+            raise ValueError(f"records per shard must be positive, got {self.records_per_shard}")
+        if self.min_length < 1:
+            raise ValueError(f"min length must be at least 1, got {self.min_length}")
+        if self.parse.function_from_sccs and self.function_vocab is None:
+            raise ValueError("--function-from-sccs needs --function-vocab (the labels must be in a vocabulary)")
+        if self.parse.scope_domains_path is not None and self.function_vocab is None:
+            raise ValueError("--scope-des needs --function-vocab (the SCOPe families must be in a vocabulary)")
+        if self.parse.plddt not in ("auto", "bfactor", "one"):
+            raise ValueError(f"--plddt must be auto, bfactor or one, got {self.parse.plddt!r}")
+        if not 4 <= self.parse.ppi_annotation_id < T.RESIDUE_VOCAB_SIZE:
+            raise ValueError(
+                f"--ppi-annotation-id must be in [4, {T.RESIDUE_VOCAB_SIZE}), got {self.parse.ppi_annotation_id}"
+            )
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# --- one protein: RawProtein -> ProteinRecord ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizers:
+    """Per-worker state, loaded once: the function vocabulary and the structure encoder."""
+
+    function_vocab: ft.FunctionVocab | None = None
+    # (backbone (L, 3, 3), author residue numbers (L,)) -> codes (L,), -1 where no backbone
+    structure_encoder: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None
+
+
+def _sequence_tokens(seq: str) -> np.ndarray:
+    bad = sorted(set(seq) - _RESIDUE_LETTERS)
+    if bad:
+        raise src.SourceError("unknown letters", f"sequence holds {''.join(bad)[:20]!r}")
+    return T.encode_sequence(seq, add_special_tokens=False)
+
+
+def _track(encode: Callable[[], np.ndarray], what: str, length: int, reason: str | None = None) -> np.ndarray:
+    """Run a tokens.py encoder; its TokenError, or a length that does not match, rejects the protein."""
+    try:
+        ids = encode()
+    except T.TokenError as e:
+        raise src.SourceError(reason or f"bad {what}", str(e)) from None
+    if len(ids) != length:
+        raise src.SourceError("length mismatch", f"{length} residues, {what} has {len(ids)}")
+    return ids
+
+
+def to_record(raw: src.RawProtein, tok: Tokenizers, min_length: int) -> records.ProteinRecord:
+    """Validate and tokenize one protein. Raises SourceError with the reject reason."""
+    L = len(raw.sequence)
+    if L == 0:
+        raise src.SourceError("empty", "no residues")
+    seq = _sequence_tokens(raw.sequence)
+    if L < min_length:
+        raise src.SourceError("too short", f"{L} residues, minimum {min_length}")
+    fields: dict = {}
+    if raw.ss8 is not None:
+        fields["ss8_tokens"] = _track(
+            lambda: T.encode_ss8(raw.ss8, False), "secondary structure", L, reason="unknown letters"
+        )
+    if raw.sasa is not None:
+        fields["sasa_tokens"] = _track(lambda: T.sasa_to_tokens(raw.sasa, False), "SASA", L)
+    if raw.coordinates is not None:
+        backbone_L = np.isfinite(raw.coordinates).all(axis=(1, 2))
+        if not backbone_L.any():
+            raise src.SourceError("no backbone", "no residue has N, CA and C coordinates")
+        fields["coordinates"] = raw.coordinates
+        if tok.structure_encoder is not None:
+            codes_L = tok.structure_encoder(raw.coordinates, raw.residue_index)
+            fields["structure_tokens"] = _track(
+                lambda: T.encode_structure_tokens(codes_L, False), "structure tokens", L
+            )
+    if raw.plddt is not None:
+        fields["plddt"] = raw.plddt
+    if raw.chain_id is not None:
+        fields["chain_id"] = raw.chain_id
+    if raw.function is not None and tok.function_vocab is not None:
+        try:
+            fields["function_tokens"] = ft.tokenize_function_annotations(tok.function_vocab, raw.function, L)
+        except ft.FunctionLabelError as e:
+            raise src.SourceError("bad function label", str(e)) from None
+    if raw.residue_annotations is not None:
+        fields["residue_annotation_tokens"] = _track(
+            lambda: T.encode_residue_annotations(raw.residue_annotations, L, False), "residue annotations", L
+        )
+    return records.ProteinRecord(id=raw.id, source=raw.source, sequence_tokens=seq, **fields)
+
+
+# --- one shard ------------------------------------------------------------------------------------------
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_PREFIX}-{index:05d}{records.SHARD_SUFFIX}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_intact(path: Path, sha256: str) -> bool:
+    return path.is_file() and _sha256(path) == sha256
+
+
+def _length_bin(n: int) -> str:
+    i = int(np.searchsorted(_HIST_EDGES, n, side="right")) - 1
+    hi = _HIST_EDGES[i + 1]
+    return f"{_HIST_EDGES[i]}+" if hi == _HIST_EDGES[-1] else f"{_HIST_EDGES[i]}-{hi - 1}"
+
+
+def _write_shard(path: Path, payloads: Sequence[bytes]) -> None:
+    """Write under a hidden temporary name, then rename: a crash never leaves a partial shard."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tmp = path.with_name(f".{path.name}.partial")
+    writer = ArrayRecordWriter(str(tmp), records.ARRAY_RECORD_OPTIONS)
+    try:
+        for p in payloads:
+            writer.write(p)
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+
+
+def process_shard(
+    out_dir: str, index: int, entries: Sequence[tuple[int, src.Entry]], settings: Settings, tok: Tokenizers
+) -> dict:
+    """Parse, tokenize and write one shard; return its progress line (counts, rejects, checksum)."""
+    payloads: list[bytes] = []
+    rejects: list[dict] = []
+    lengths: collections.Counter = collections.Counter()
+    tracks: collections.Counter = collections.Counter()
+    per_input = collections.defaultdict(lambda: [0, 0])  # input index -> [kept, rejected]
+    n_residues = 0
+    for input_index, entry in entries:
+        for item in src.parse_entry(entry, settings.parse):
+            try:
+                if isinstance(item, src.SourceError):
+                    raise item
+                record = to_record(item, tok, settings.min_length)
+            except src.SourceError as e:
+                rid = item.id if isinstance(item, src.RawProtein) else item.record_id
+                rejects.append({"source": entry.location, "id": rid, "reason": e.reason, "detail": e.detail})
+                per_input[input_index][1] += 1
+                continue
+            payloads.append(records.serialize(record))
+            per_input[input_index][0] += 1
+            n_residues += len(record)
+            lengths[_length_bin(len(record))] += 1
+            tracks.update(t for t in TRACKS if record.has(t))
+    path = Path(out_dir) / shard_name(index)
+    _write_shard(path, payloads)
+    return {
+        "shard": index,
+        "file": path.name,
+        "sha256": _sha256(path),
+        "n_entries": len(entries),
+        "n_records": len(payloads),
+        "n_residues": n_residues,
+        "tracks": dict(tracks),
+        "lengths": dict(lengths),
+        "per_input": {str(k): v for k, v in sorted(per_input.items())},
+        "rejects": rejects,
+    }
+
+
+# --- tokenizers, loaded per worker ------------------------------------------------------------------------
+
+
+def load_structure_encoder(directory: str) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
+    """The VQ-VAE structure encoder of a checkpoint folder, as (backbone, residue numbers) -> codes.
+
+    Errors clearly when the structure tokenizer is not part of this installation; never invents tokens.
+    """
+    try:
+        from esm3_jax import structure_tokenizer
+    except ModuleNotFoundError as e:
+        if e.name != "esm3_jax.structure_tokenizer":
+            raise
+        raise StructureEncoderUnavailable(
+            "structure tokenizer not available: esm3_jax.structure_tokenizer is not part of this installation; "
+            "preprocess without --structure-encoder (records keep coordinates, SS8, SASA and pLDDT)"
+        ) from None
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"structure encoder checkpoint folder not found: {directory}")
+    return structure_tokenizer.StructureTokenizer.load(encoder_dir=directory).tokenize
+
+
+def load_tokenizers(settings: Settings) -> Tokenizers:
+    vocab = ft.load_function_vocab_dir(settings.function_vocab) if settings.function_vocab else None
+    encoder = load_structure_encoder(settings.structure_encoder) if settings.structure_encoder else None
+    return Tokenizers(vocab, encoder)
+
+
+# A worker process's tokenizers, loaded once by `_init_worker` (the function vocabulary alone can be
+# tens of MB; shipping it with every shard would dominate the work).
+_WORKER_TOKENIZERS: Tokenizers | None = None
+
+
+def _init_worker(settings: Settings) -> None:
+    global _WORKER_TOKENIZERS
+    _WORKER_TOKENIZERS = load_tokenizers(settings)
+
+
+def _worker_shard(out_dir: str, index: int, entries: Sequence[tuple[int, src.Entry]], settings: Settings) -> dict:
+    return process_shard(out_dir, index, entries, settings, _WORKER_TOKENIZERS)
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
+def _iter_inputs(settings: Settings) -> Iterator[tuple[int, src.Entry]]:
+    for i, (path, kind) in enumerate(settings.inputs):
+        for entry in src.iter_entries(path, kind):
+            yield i, entry
+
+
+def count_entries(settings: Settings) -> int:
+    """How many entries the inputs hold (a quick scan, for the progress bar's total)."""
+    n = 0
+    for path, kind in settings.inputs:
+        if kind == "structure_dir":
+            n += len(src.structure_files(path))
+        elif kind == "structure":
+            n += 1
+        else:
+            with src.open_text(path) as f:
+                if kind == "jsonl":
+                    n += sum(1 for line in f if line.strip())
+                else:
+                    n += sum(1 for line in f if line.startswith(">"))
+    return n
+
+
+def _input_fingerprint(settings: Settings) -> list:
+    """Sizes of the inputs, so that a resumed run notices an input that changed under it."""
+    fp = []
+    for path, kind in settings.inputs:
+        files = src.structure_files(path) if kind == "structure_dir" else [Path(path)]
+        fp.append([path, len(files), sum(f.stat().st_size for f in files)])
+    return fp
+
+
+def _read_progress(path: Path, header: dict, overwrite: bool) -> dict[int, dict]:
+    """Finished shards recorded by an earlier run with the same settings (shard index -> line)."""
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        earlier = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        earlier = {}
+    if earlier != header:
+        if overwrite:
+            return {}
+        raise PreprocessError(
+            f"{path.parent} holds a run with different inputs or settings; use a new output folder or --overwrite"
+        )
+    done = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a run killed mid-write
+        done[row["shard"]] = row
+    return done
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def run(
+    settings: Settings, out_dir: str | Path, *, workers: int = 1, progress: bool = True, overwrite: bool = False
+) -> dict:
+    """Preprocess `settings.inputs` into `out_dir`; returns the manifest. Resumes an earlier run."""
+    settings.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header = {"settings": settings.to_json(), "inputs": _input_fingerprint(settings)}
+    progress_path = out / PROGRESS
+    done = _read_progress(progress_path, header, overwrite)
+    # Keep only shards whose bytes are still what the progress line says.
+    done = {i: row for i, row in done.items() if _shard_intact(out / row["file"], row["sha256"])}
+    if overwrite or not progress_path.exists():
+        for stale in out.glob(f"{SHARD_PREFIX}-*{records.SHARD_SUFFIX}"):
+            stale.unlink()
+        done = {}
+    with open(progress_path, "w") as f:  # rewrite: header + the shards that are verifiably done
+        f.write(json.dumps(header) + "\n")
+        for i in sorted(done):
+            f.write(json.dumps(done[i]) + "\n")
+
+    from tqdm import tqdm
+
+    results = dict(done)
+    total = count_entries(settings) if progress else None
+    bar = tqdm(total=total, disable=not progress, unit="entry", desc="preprocess")
+    shard_tasks = enumerate(_chunks(_iter_inputs(settings), settings.records_per_shard))
+
+    def finished(row: dict) -> None:
+        results[row["shard"]] = row
+        with open(progress_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    with bar:
+        if workers <= 1:
+            tok = load_tokenizers(settings)
+            for index, entries in shard_tasks:
+                if index not in done:
+                    finished(process_shard(str(out), index, entries, settings, tok))
+                bar.update(len(entries))
+        else:
+            # spawn, not fork: a forked child of a process that has started JAX or tensorstore
+            # threads can deadlock.
+            ctx = multiprocessing.get_context("spawn")
+            pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(settings,))
+            with pool:
+                pending: dict[cf.Future, int] = {}
+                for index, entries in shard_tasks:
+                    if index in done:
+                        bar.update(len(entries))
+                        continue
+                    pending[pool.submit(_worker_shard, str(out), index, entries, settings)] = len(entries)
+                    # A bounded window keeps memory flat however large the input is.
+                    while len(pending) >= 2 * workers:
+                        _drain(pending, bar, finished, cf.FIRST_COMPLETED)
+                while pending:
+                    _drain(pending, bar, finished, cf.ALL_COMPLETED)
+
+    manifest = _write_outputs(out, settings, results)
+    if manifest["n_records"] == 0:
+        raise PreprocessError(
+            f"every one of {manifest['n_rejected']} proteins was rejected ({_reason_summary(manifest)}); "
+            f"see {out / REJECTS}"
+        )
+    return manifest
+
+
+def _drain(pending: dict, bar, finished, how) -> None:
+    completed, _ = cf.wait(pending, return_when=how)
+    for fut in completed:
+        n = pending.pop(fut)
+        finished(fut.result())
+        bar.update(n)
+
+
+def _reason_summary(manifest: dict) -> str:
+    return ", ".join(f"{n} {r}" for r, n in manifest["rejected_by_reason"].items())
+
+
+def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> dict:
+    """manifest.json and rejects.jsonl from the per-shard lines, in shard order (deterministic)."""
+    rows = [results[i] for i in sorted(results)]
+    if [r["shard"] for r in rows] != list(range(len(rows))):
+        raise PreprocessError(f"{out}: shards {sorted(results)} are not contiguous; rerun to finish them")
+    reasons: collections.Counter = collections.Counter()
+    tracks: collections.Counter = collections.Counter()
+    lengths: collections.Counter = collections.Counter()
+    per_input = collections.defaultdict(lambda: [0, 0])
+    with open(out / REJECTS, "w") as f:
+        for r in rows:
+            for rej in r["rejects"]:
+                f.write(json.dumps(rej) + "\n")
+                reasons[rej["reason"]] += 1
+            tracks.update(r["tracks"])
+            lengths.update(r["lengths"])
+            for k, (kept, rejected) in r["per_input"].items():
+                per_input[int(k)][0] += kept
+                per_input[int(k)][1] += rejected
+    n_records = sum(r["n_records"] for r in rows)
+    n_residues = sum(r["n_residues"] for r in rows)
+    bins = [_length_bin(e) for e in _HIST_EDGES[:-1]]  # in length order
+    manifest = {
+        "format": {"manifest_version": MANIFEST_VERSION, "record_version": records.FORMAT_VERSION},
+        "n_records": n_records,
+        "n_residues": n_residues,
+        "n_tokens": n_residues + 2 * n_records,  # with BOS and EOS
+        "n_rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "tracks": {t: tracks.get(t, 0) for t in TRACKS},
+        "length_histogram": {b: lengths[b] for b in bins if b in lengths},  # residues -> records
+        "sources": [
+            {"path": path, "kind": kind, "n_records": per_input[i][0], "n_rejected": per_input[i][1]}
+            for i, (path, kind) in enumerate(settings.inputs)
+        ],
+        "records_per_shard": settings.records_per_shard,
+        "shards": [{"file": r["file"], "n_records": r["n_records"], "sha256": r["sha256"]} for r in rows],
+        "settings": settings.to_json(),
+    }
+    tmp = out / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="+",
+        help="FASTA / jsonl files (.gz ok), structure files, or folders of PDB/mmCIF files; kind by extension",
+    )  # fmt: skip
+    parser.add_argument("-o", "--out", required=True, help="output folder (shards, manifest.json, rejects.jsonl)")
+    parser.add_argument(
+        "--residue-labels", action="append", default=[],
+        help="per-residue label file (`>name` then `chain resnum aa 0|1` lines, ScanNet PPBS style); repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ppi-annotation-id", type=int, default=src.ParseOptions.ppi_annotation_id,
+        help="residue-annotation id (4..1477) given to residues labelled 1 in --residue-labels files: a "
+        "project-defined label (the release's InterPro site-label table is not part of the esm package)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--function-vocab",
+        help="folder from `esm3-jax build-function-vocab`, or of the release's files under their own names; "
+        "without it, function labels in the inputs are not tokenized",
+    )
+    parser.add_argument("--function-from-sccs", action="store_true",
+                        help="jsonl rows' `sccs` becomes a whole-protein function label")  # fmt: skip
+    parser.add_argument(
+        "--scope-des", help="SCOPe dir.des file: its px rows give structure chains function labels (family sccs)"
+    )
+    parser.add_argument("--structure-encoder", metavar="DIR", help="VQ-VAE checkpoint folder: add structure tokens")
+    parser.add_argument(
+        "--plddt", choices=("auto", "bfactor", "one"), default="auto",
+        help="structures' pLDDT: B-factors of files that look predicted, 1.0 otherwise (auto); always B-factors; "
+        "always 1.0",
+    )  # fmt: skip
+    parser.add_argument("--records-per-shard", type=int, default=Settings.records_per_shard,
+                        help="input entries per shard (a structure file is one entry)")  # fmt: skip
+    parser.add_argument("--min-length", type=int, default=Settings.min_length, help="reject shorter proteins")
+    parser.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="discard an earlier run in --out (otherwise it is resumed)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    inputs = [(str(p), src.input_kind(p)) for p in args.inputs]
+    for p in args.residue_labels:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"residue label file not found: {p}")
+        inputs.append((str(p), "residue_labels"))
+    parse = src.ParseOptions(
+        function_from_sccs=args.function_from_sccs,
+        ppi_annotation_id=args.ppi_annotation_id,
+        plddt=args.plddt,
+        scope_domains_path=args.scope_des,
+    )
+    return Settings(
+        inputs=tuple(inputs),
+        records_per_shard=args.records_per_shard,
+        min_length=args.min_length,
+        function_vocab=args.function_vocab,
+        structure_encoder=args.structure_encoder,
+        parse=parse,
+    )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if settings.structure_encoder:
+        load_structure_encoder(settings.structure_encoder)  # fail before any work, not in every worker
+    manifest = run(settings, args.out, workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
+    reasons = f" ({_reason_summary(manifest)})" if manifest["n_rejected"] else ""
+    print(
+        f"{manifest['n_records']} records ({manifest['n_tokens']} tokens) in {len(manifest['shards'])} shards; "
+        f"{manifest['n_rejected']} rejected{reasons} -> {args.out}"
+    )
+    return 0
