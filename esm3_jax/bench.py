@@ -138,6 +138,99 @@ def bench_forward(config: str, batch: int, length: int, repeats: int, reference:
     return result
 
 
+def synthetic_train_batch(batch: int, length: int, mask_rate: float = 0.3, seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch in the training contract's format: every track filled, ~30% of positions masked."""
+    rng = np.random.default_rng(seed)
+    x = random_inputs(batch, length, seed)
+    out = dict(x)
+    masks = {}
+    for track, key, mask_value in (
+        ("sequence", "sequence_tokens", T.SEQUENCE_MASK), ("structure", "structure_tokens", T.STRUCTURE_MASK),
+        ("ss8", "ss8_tokens", 0), ("sasa", "sasa_tokens", 0), ("function", "function_tokens", 0),
+        ("residue_annotation", "residue_annotation_tokens", 0),
+    ):
+        m = rng.random((batch, length)) < mask_rate
+        m[:, 0] = m[:, -1] = False
+        masks[track] = m
+        out[f"{track}_target"] = x[key]
+        out[f"{track}_loss_mask"] = m
+        mm = m if x[key].ndim == 2 else m[..., None]
+        out[key] = np.where(mm, mask_value, x[key]).astype(np.int32)
+    out["structure_coords"] = np.where(masks["structure"][..., None, None], np.nan, x["structure_coords"]).astype(np.float32)
+    return out
+
+
+def bench_train_step(config: str, batch: int, length: int, steps: int, overrides: tuple[str, ...] = (),
+                     peak: float | None = None, verbose: bool = True) -> dict:
+    """Time the real jitted train step (all tracks, all heads, geometric attention) on one device."""
+    from esm3_jax.config import load_config
+    from esm3_jax.flops import train_flops_per_token
+    from esm3_jax.model.esm3 import ESM3
+    from esm3_jax.train import sharding as shd
+    from esm3_jax.train.optim import make_optimizer
+    from esm3_jax.train.state import create_state, state_shardings
+    from esm3_jax.train.step import jit_train_step, make_train_step
+
+    cfg = load_config(resolve_config_path(config), list(overrides))
+    mcfg = cfg.model
+    dtype = jnp.dtype(mcfg.dtype).name
+    if peak is None:
+        peak = matmul_peak_flops(dtype)
+    mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
+    rules = cfg.mesh.rules.as_flax_rules()
+    model = ESM3(mcfg)
+    tx = make_optimizer(cfg.train)
+    abstract, shardings = state_shardings(model, tx, mesh, rules)
+    state = create_state(model, tx, 0, shardings)
+    host = synthetic_train_batch(batch, length)
+    bsh = shd.batch_shardings(host, mesh, rules)
+    step = jit_train_step(
+        make_train_step(model, tx, loss_weights=cfg.train.loss_weights.as_dict(), grad_accum_steps=1, mesh=mesh, rules=rules),
+        shardings, bsh, mesh, rules,
+    )
+    x = {k: jax.device_put(v, bsh[k]) for k, v in host.items()}
+    t0 = time.perf_counter()
+    state, m = step(state, x)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = step(state, x)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    sec = float(np.median(times))
+    tokens = batch * length
+    flops = train_flops_per_token(mcfg, length) * tokens
+    r = dict(step_s=sec, tokens_per_s=tokens / sec, flops_per_step=flops, mfu=flops / sec / peak, peak=peak,
+             compile_s=compile_s, loss=float(m["loss"]))
+    if verbose:
+        print(f"config {config}: d_model {mcfg.d_model}, {mcfg.n_layers} layers, {mcfg.param_count():,} params; "
+              f"batch {batch} x {length}, {dtype}, remat {mcfg.remat}, {jax.devices()[0].platform}")
+        print(f"matmul peak (XLA, {dtype}, 2048^3): {peak / 1e9:.1f} GFLOP/s")
+        print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP (6N-style analytic count incl. attention)")
+        print(f"train step: {sec * 1e3:.0f} ms (median of {steps}, compile {compile_s:.1f} s), "
+              f"{tokens / sec:.0f} tokens/s, {flops / sec / 1e9:.1f} GFLOP/s, MFU {100 * flops / sec / peak:.1f}%")
+    return r
+
+
+def bench_data(data_dir: str, config: str, n_batches: int) -> dict:
+    from esm3_jax.config import load_config
+    from esm3_jax.data.bench_data import bench_pipeline
+
+    cfg = load_config(resolve_config_path(config))
+    p = bench_pipeline(data_dir, cfg.data, n_batches)
+    print(f"pipeline ({data_dir}, one worker, batch {cfg.data.batch_size} x {cfg.data.max_length}, "
+          f"packing {cfg.data.packing}): {p['records_per_s']:.0f} records/s, {p['tokens_per_s']:.0f} tokens/s "
+          f"({p['padded_tokens_per_s']:.0f} padded tokens/s, rows {100 * p['row_fill']:.0f}% full)")
+    t = bench_train_step(config, cfg.data.batch_size, cfg.data.max_length, steps=3, verbose=False)
+    ratio = p["padded_tokens_per_s"] / t["tokens_per_s"]
+    print(f"train step ({config}, same batch shape): {t['tokens_per_s']:.0f} tokens/s")
+    print(f"pipeline / train step: {ratio:.1f}x  ({'ok' if ratio >= 20 else 'BELOW'} the 20x target)")
+    p.update(train_tokens_per_s=t["tokens_per_s"], ratio=ratio)
+    return p
+
+
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     f = sub.add_parser("forward", help="ESM3 forward pass vs the reference (tokens/s, ratio, MFU)")
@@ -146,9 +239,23 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--length", type=int, default=256)
     f.add_argument("--repeats", type=int, default=5)
     f.add_argument("--no-reference", action="store_true", help="skip the reference (no torch needed)")
+    t = sub.add_parser("train-step", help="full ESM3 train step: FLOPs per step, step time, MFU")
+    t.add_argument("--config", default="small")
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--length", type=int, default=512)
+    t.add_argument("--steps", type=int, default=5)
+    t.add_argument("overrides", nargs="*", help="config overrides, e.g. model.remat=full")
+    d = sub.add_parser("data", help="input pipeline tokens/s next to the train step's, same run")
+    d.add_argument("--data", required=True, help="a folder of shards written by `esm3-jax preprocess`")
+    d.add_argument("--config", default="small")
+    d.add_argument("--batches", type=int, default=50)
 
 
 def cli_main(args: argparse.Namespace) -> int:
     if args.what == "forward":
         bench_forward(args.config, args.batch, args.length, args.repeats, not args.no_reference)
+    elif args.what == "train-step":
+        bench_train_step(args.config, args.batch, args.length, args.steps, tuple(args.overrides))
+    elif args.what == "data":
+        bench_data(args.data, args.config, args.batches)
     return 0
