@@ -257,6 +257,10 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--length", type=int, default=512)
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. model.remat=full")
+    v = sub.add_parser("vqvae", help="VQ-VAE encoding and decoding vs the reference (residues/s, ratios)")
+    v.add_argument("--chains", type=int, default=8)
+    v.add_argument("--length", type=int, default=256)
+    v.add_argument("--repeats", type=int, default=3)
     d = sub.add_parser("data", help="input pipeline tokens/s next to the train step's, same run")
     d.add_argument("--data", required=True, help="a folder of shards written by `esm3-jax preprocess`")
     d.add_argument("--config", default="small")
@@ -268,6 +272,10 @@ def cli_main(args: argparse.Namespace) -> int:
         bench_forward(args.config, args.batch, args.length, args.repeats, not args.no_reference)
     elif args.what == "train-step":
         bench_train_step(args.config, args.batch, args.length, args.steps, tuple(args.overrides))
+    elif args.what == "vqvae":
+        from esm3_jax.bench_vqvae import bench_vqvae
+
+        bench_vqvae(args.chains, args.length, repeats=args.repeats)
     elif args.what == "data":
         bench_data(args.data, args.config, args.batches)
     return 0

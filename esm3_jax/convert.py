@@ -234,6 +234,21 @@ def _esm3_export(params: dict, config: dict) -> dict[str, Array]:
 KINDS: dict[str, tuple[Callable, Callable]] = {"esm3": (_esm3_import, _esm3_export)}
 
 
+def _structure_tokenizer_fn(name: str) -> Callable:
+    """A converter of esm3_jax.structure_tokenizer, imported on use (that module imports this one)."""
+
+    def call(*args):
+        from esm3_jax import structure_tokenizer
+
+        return getattr(structure_tokenizer, name)(*args)
+
+    return call
+
+
+KINDS["structure-encoder"] = (_structure_tokenizer_fn("encoder_import"), _structure_tokenizer_fn("encoder_export"))
+KINDS["structure-decoder"] = (_structure_tokenizer_fn("decoder_import"), _structure_tokenizer_fn("decoder_export"))
+
+
 def convert_torch_to_checkpoint(torch_path: str | Path, out_dir: str | Path, kind: str, args: argparse.Namespace) -> Path:
     if kind not in KINDS:
         raise ValueError(f"unknown --kind '{kind}'; choose from {sorted(KINDS)}")

@@ -55,24 +55,47 @@ class GeometricAttention(nn.Module):
         frame_mask_BxL: jnp.ndarray,
         sequence_id_BxL: jnp.ndarray,
         chain_id_BxL: jnp.ndarray,
+        n_queries: int | None = None,
     ) -> jnp.ndarray:
+        """(B, L, D) updates; with `n_queries`, only the first n_queries residues attend (all L
+        still serve as keys) and the output is (B, n_queries, D). The VQ-VAE encoder's last block
+        needs only the query residue's row, so it skips the other queries' work this way."""
         h = self.v_heads
         out_dtype = x_BxLxD.dtype
         y = LayerNorm(use_bias=self.use_bias, dtype=jnp.float32, name="norm")(x_BxLxD)
         w_proj = param(self, "proj", (self.d_model, 5, h, 3), (EMBED, None, "geom_heads", None), fan_in_init())
-        p_BxLx5xHx3 = jnp.einsum("bld,dghc->blghc", y, w_proj)
-        if self.use_bias:
-            p_BxLx5xHx3 = p_BxLx5xHx3 + param(self, "proj_bias", (5, h, 3), (None, "geom_heads", None), nn.initializers.zeros)
-
+        b_proj = (
+            param(self, "proj_bias", (5, h, 3), (None, "geom_heads", None), nn.initializers.zeros)
+            if self.use_bias else None
+        )
         # Centre translations on each row's mean: distances are translation
         # invariant, and small magnitudes keep the expanded squared distance accurate in fp32.
         trans = trans_BxLx3 - jax.lax.stop_gradient(jnp.mean(trans_BxLx3, axis=1, keepdims=True))
-        # Local -> global: v_global = R v_local (+ t for points).
-        g_BxLx5xHx3 = jnp.einsum("blij,blghj->blghi", rot_BxLx3x3, p_BxLx5xHx3)
         to_bhl = lambda a: jnp.transpose(a, (0, 2, 1, 3))  # (B,L,H,3) -> (B,H,L,3)
-        q_rot, k_rot, value = (to_bhl(g_BxLx5xHx3[:, :, i]) for i in (Q_ROT, K_ROT, VALUE))
-        q_dist = to_bhl(g_BxLx5xHx3[:, :, Q_DIST] + trans[:, :, None])
-        k_dist = to_bhl(g_BxLx5xHx3[:, :, K_DIST] + trans[:, :, None])
+        if n_queries is None:
+            p_BxLx5xHx3 = jnp.einsum("bld,dghc->blghc", y, w_proj)
+            if b_proj is not None:
+                p_BxLx5xHx3 = p_BxLx5xHx3 + b_proj
+            # Local -> global: v_global = R v_local (+ t for points).
+            g_BxLx5xHx3 = jnp.einsum("blij,blghj->blghi", rot_BxLx3x3, p_BxLx5xHx3)
+            q_rot, k_rot, value = (to_bhl(g_BxLx5xHx3[:, :, i]) for i in (Q_ROT, K_ROT, VALUE))
+            q_dist = to_bhl(g_BxLx5xHx3[:, :, Q_DIST] + trans[:, :, None])
+            k_dist = to_bhl(g_BxLx5xHx3[:, :, K_DIST] + trans[:, :, None])
+        else:
+            def project(y_BxNxD, groups, rot_BxNx3x3):
+                groups = jnp.asarray(groups)
+                p = jnp.einsum("bld,dghc->blghc", y_BxNxD, w_proj[:, groups])
+                if b_proj is not None:
+                    p = p + b_proj[groups]
+                return jnp.einsum("blij,blghj->blghi", rot_BxNx3x3, p)
+
+            nq = n_queries
+            gq = project(y[:, :nq], (Q_ROT, Q_DIST), rot_BxLx3x3[:, :nq])
+            gk = project(y, (K_ROT, VALUE, K_DIST), rot_BxLx3x3)
+            q_rot, k_rot, value = to_bhl(gq[:, :, 0]), to_bhl(gk[:, :, 0]), to_bhl(gk[:, :, 1])
+            q_dist = to_bhl(gq[:, :, 1] + trans[:, :nq, None])
+            k_dist = to_bhl(gk[:, :, 2] + trans[:, :, None])
+            rot_BxLx3x3 = rot_BxLx3x3[:, :nq]  # for the way back into the queries' frames
 
         w_rot = nn.softplus(param(self, "rotation_scale", (h,), ("geom_heads",), nn.initializers.zeros))
         w_dist = nn.softplus(param(self, "distance_scale", (h,), ("geom_heads",), nn.initializers.zeros))
@@ -83,8 +106,9 @@ class GeometricAttention(nn.Module):
             - distance_BxHxLxL * w_dist[None, :, None, None]
         )
 
-        bias_BxLxL = (sequence_id_BxL[:, :, None] == sequence_id_BxL[:, None, :]).astype(jnp.float32)
-        blocked = (~frame_mask_BxL[:, None, :]) | (chain_id_BxL[:, :, None] != chain_id_BxL[:, None, :])
+        nq = q_rot.shape[2]  # queries: L, or n_queries
+        bias_BxLxL = (sequence_id_BxL[:, :nq, None] == sequence_id_BxL[:, None, :]).astype(jnp.float32)
+        blocked = (~frame_mask_BxL[:, None, :]) | (chain_id_BxL[:, :nq, None] != chain_id_BxL[:, None, :])
         bias_BxLxL = jnp.where(blocked, jnp.finfo(jnp.float32).min, bias_BxLxL)
         probs = jax.nn.softmax(logits + bias_BxLxL[:, None], axis=-1)
 
@@ -92,7 +116,7 @@ class GeometricAttention(nn.Module):
         # Global -> the query's local frame: R^T o.
         o_BxLxHx3 = jnp.einsum("blji,bhlj->blhi", rot_BxLx3x3, o_BxHxLx3)
         if self.mask_and_zero_frameless:
-            o_BxLxHx3 = jnp.where(frame_mask_BxL[:, :, None, None], o_BxLxHx3, 0.0)
+            o_BxLxHx3 = jnp.where(frame_mask_BxL[:, :nq, None, None], o_BxLxHx3, 0.0)
         w_out = param(self, "out", (h, 3, self.d_model), ("geom_heads", None, EMBED), fan_in_init(2))
         out = jnp.einsum("blhc,hcd->bld", o_BxLxHx3, w_out)
         if self.use_bias:

@@ -1,0 +1,19 @@
+"""`esm3-jax decode-structure`: structure tokens (.npz) -> one backbone PDB per chain, with pTM."""
+
+from __future__ import annotations
+
+import argparse
+
+from esm3_jax.structure_tokenizer import decode_token_file
+
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoder", required=True, help="structure-decoder checkpoint directory (esm3-jax convert)")
+    p.add_argument("--tokens", required=True, help=".npz of per-chain token arrays (tokenize-structure's output)")
+    p.add_argument("--out-dir", required=True, help="folder for the PDB files (pLDDT x 100 in the B-factors)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    for key, ptm in decode_token_file(args.decoder, args.tokens, args.out_dir).items():
+        print(f"{key}\tpTM={ptm:.4f}")
+    return 0

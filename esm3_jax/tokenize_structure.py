@@ -1,0 +1,25 @@
+"""`esm3-jax tokenize-structure`: structure files -> one structure-token array per chain (.npz)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from esm3_jax.structure_tokenizer import tokenize_files
+
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", required=True, help="structure-encoder checkpoint directory (esm3-jax convert)")
+    p.add_argument("--out", required=True, help="output .npz: one int32 array per chain, keyed '<file name>/<chain id>'")
+    p.add_argument("files", nargs="+", help="PDB / mmCIF files (optionally .gz)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    tokens = tokenize_files(args.encoder, args.files)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, **tokens)
+    n_res = sum(len(t) for t in tokens.values())
+    print(f"wrote {args.out}: {len(tokens)} chains, {n_res} residues (-1 = residue without backbone)")
+    return 0
