@@ -1,0 +1,334 @@
+"""`esm3-jax train`: the pretraining loop a user runs.
+
+Everything that can be wrong with a config is checked before the first compile; then the run
+builds the mesh, restores the latest intact checkpoint (or creates a fresh sharded state),
+compiles the train step once, and loops: step, metrics to the progress bar and TensorBoard,
+validation every `eval_every` steps, a checkpoint every `checkpoint_every` steps and at the end.
+SIGTERM (preemption) finishes the current step, saves, and exits 0; a non-finite loss skips the
+update, and `max_nonfinite_in_a_row` of them stop the run with an error and no checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from esm3_jax.config import Config, ConfigError, load_config, to_dict
+from esm3_jax.flops import train_flops_per_token
+from esm3_jax.model.esm3 import ESM3
+from esm3_jax.train import distributed, optim
+from esm3_jax.train import sharding as shd
+from esm3_jax.train import state as state_lib
+from esm3_jax.train import step as step_lib
+from esm3_jax.train.checkpoint import Checkpointer
+from esm3_jax.train.config import TRACKS
+from esm3_jax.train.metrics import MetricWriter, peak_flops_per_device
+
+log = logging.getLogger(__name__)
+
+BatchIterator = Iterator[dict[str, np.ndarray]]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    step: int  # the last completed step
+    reason: str  # "finished" | "preempted"
+    metrics: dict[str, float]  # the last step's
+    eval_metrics: dict[str, float]  # the last validation pass's (empty if none)
+    checkpoint_dir: str
+    tensorboard_dir: str
+
+
+def check_run_config(cfg: Config, n_devices: int, process_count: int, *, need_datasets: bool = True) -> None:
+    """Everything about mesh and batch that must hold, checked before anything is compiled."""
+    mesh_shape = cfg.mesh.shape(n_devices)
+    rows = cfg.data.batch_size
+    if rows % process_count:
+        raise ConfigError(f"data.batch_size={rows} does not divide over {process_count} processes")
+    accum = cfg.train.grad_accum_steps
+    if rows % accum:
+        raise ConfigError(f"data.batch_size={rows} is not divisible by train.grad_accum_steps={accum}")
+    axes = dict(zip(("data", "fsdp", "tensor"), mesh_shape))
+    shards = int(np.prod([axes[a] for a in cfg.mesh.rules.batch])) if cfg.mesh.rules.batch else 1
+    if (rows // accum) % shards:
+        raise ConfigError(
+            f"microbatch of {rows // accum} rows (data.batch_size / train.grad_accum_steps) does not split "
+            f"over the {shards} batch shards of mesh axes {list(cfg.mesh.rules.batch)}"
+        )
+    if need_datasets and not cfg.data.datasets:
+        raise ConfigError("data.datasets is empty: list at least one folder written by `esm3-jax preprocess`")
+
+
+def _default_train_iterator(cfg: Config) -> BatchIterator:
+    from esm3_jax.data import pipeline
+
+    return pipeline.make_iterator(cfg.data)
+
+
+def _default_eval_iterator(cfg: Config) -> BatchIterator:
+    from esm3_jax.data import pipeline
+
+    eval_data = dataclasses.replace(cfg.data, datasets=cfg.train.eval_datasets, shuffle=False)
+    return pipeline.make_iterator(eval_data, num_epochs=None)
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and stops at the end of the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no preemption hook
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def anywhere(self) -> bool:
+        """True if any process was asked to stop (all processes must save together)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def _real_tokens(local_batch: dict[str, np.ndarray]) -> int:
+    return int(np.count_nonzero(local_batch["sequence_id"]))
+
+
+def _eval_pass(eval_step, params, make_eval_iter, n_batches, batch_shardings, rows) -> dict[str, float]:
+    """Per-track NLL (mean loss over masked positions) and accuracy over `n_batches` held-out batches."""
+    it = make_eval_iter()
+    loss_sum = {t: 0.0 for t in TRACKS}
+    correct = {t: 0.0 for t in TRACKS}
+    count = {t: 0.0 for t in TRACKS}
+    for _ in range(n_batches):
+        batch = shd.global_batch(next(it), batch_shardings, rows)
+        sums, counts = jax.device_get(eval_step(params, batch))
+        for t in TRACKS:
+            loss_sum[t] += float(sums[t][0])
+            correct[t] += float(sums[t][1])
+            count[t] += float(counts[t])
+    out = {}
+    for t in TRACKS:
+        out[f"{t}/nll"] = loss_sum[t] / count[t] if count[t] else float("nan")
+        out[f"{t}/accuracy"] = correct[t] / count[t] if count[t] else float("nan")
+    return out
+
+
+def train(
+    cfg: Config,
+    *,
+    make_train_iter: Callable[[], BatchIterator] | None = None,
+    make_eval_iter: Callable[[], BatchIterator] | None = None,
+    devices: list | None = None,
+) -> RunResult:
+    """Run (or resume) training as `cfg` says. The iterator factories default to the Grain pipeline
+    over data.datasets / train.eval_datasets; each yields this process's rows of every batch."""
+    tc = cfg.train
+    devices = list(jax.devices() if devices is None else devices)
+    check_run_config(cfg, len(devices), jax.process_count(), need_datasets=make_train_iter is None)
+    if make_train_iter is None:
+        make_train_iter = lambda: _default_train_iterator(cfg)
+    if tc.eval_every and make_eval_iter is None:
+        make_eval_iter = lambda: _default_eval_iterator(cfg)
+    main_process = jax.process_index() == 0
+    say = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
+    with _Preemption() as preemption:
+        return _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_process)
+
+
+def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_process) -> RunResult:
+    tc = cfg.train
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.rules.as_flax_rules()
+    model = ESM3(cfg.model)
+    tx = optim.make_optimizer(tc)
+    abstract, state_sh = state_lib.state_shardings(model, tx, mesh, rules)
+    n_params = state_lib.param_count(abstract.params)
+    say(f"esm3-jax train: {n_params:,} parameters; mesh {shd.mesh_summary(mesh)}; "
+        f"batch {cfg.data.batch_size} x {cfg.data.max_length} tokens; {tc.steps} steps")
+    say(f"  checkpoints -> {tc.checkpoint_dir}\n  tensorboard -> {tc.tensorboard_dir}")
+
+    train_iter = make_train_iter()
+    ckpt = Checkpointer(tc.checkpoint_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
+    cfg_dict = to_dict(cfg)
+    restored = None
+    if tc.resume and ckpt.all_steps():
+        _check_same_model(ckpt, cfg_dict)
+        target = state_lib.abstract_with_shardings(abstract.as_dict(), state_sh.as_dict())
+        restored = ckpt.restore_latest(target, train_iter)
+    if restored is not None:
+        start_step, state_dict = restored
+        state = state_lib.TrainState.from_dict(state_dict)
+        say(f"  resumed from step {start_step}")
+        if start_step >= tc.steps:
+            ckpt.close()
+            say(f"done: the run already reached train.steps={tc.steps}; raise it to train further")
+            return RunResult(step=start_step, reason="finished", metrics={}, eval_metrics={},
+                             checkpoint_dir=tc.checkpoint_dir, tensorboard_dir=tc.tensorboard_dir)
+    else:
+        start_step = 0
+        state = state_lib.create_state(model, tx, tc.seed, state_sh)
+
+    rows = cfg.data.batch_size
+    first_local = next(train_iter)
+    batch_sh = shd.batch_shardings(first_local, mesh, rules)
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(model, tx, loss_weights=tc.loss_weights.as_dict(),
+                                 grad_accum_steps=tc.grad_accum_steps, mesh=mesh, rules=rules),
+        state_sh, batch_sh, mesh, rules)
+    t0 = time.time()
+    first_batch = shd.global_batch(first_local, batch_sh, rows)
+    compiled = train_step.lower(state, first_batch).compile()
+    eval_step = None
+    if tc.eval_every:
+        eval_step = step_lib.make_eval_step(model, state_sh.params, batch_sh, mesh, rules)
+        eval_step = eval_step.lower(state.params, first_batch).compile()
+    say(f"  compiled in {time.time() - t0:.1f}s")
+    distributed.barrier("esm3_jax_train_compiled")
+
+    flops_per_step = train_flops_per_token(cfg.model, cfg.data.max_length) * rows * cfg.data.max_length
+    peak = peak_flops_per_device(devices[0].device_kind, tc.peak_flops_per_device)
+    writer = MetricWriter(tc.tensorboard_dir if main_process else None,
+                          wandb_project=tc.wandb_project if tc.wandb else None, config=cfg_dict)
+    bar = _progress_bar(tc.steps, start_step, enabled=main_process and tc.progress_bar)
+    metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    reason = "finished"
+    step = start_step
+    local = first_local
+    profiling = False
+    try:
+        for step in range(start_step + 1, tc.steps + 1):
+            if local is None:
+                local = next(train_iter)
+            if tc.profile_steps and step == tc.profile_steps[0]:
+                jax.profiler.start_trace(tc.profile_dir)
+                profiling = True
+            t_step = time.time()
+            state, device_metrics = compiled(state, shd.global_batch(local, batch_sh, rows))
+            metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            dt = time.time() - t_step
+            if profiling and step == tc.profile_steps[1]:
+                jax.profiler.stop_trace()
+                profiling = False
+                say(f"  profile of steps {tc.profile_steps[0]}-{step} -> {tc.profile_dir}")
+            tokens = _real_tokens(local) * jax.process_count()
+            local = None
+            metrics["tokens_per_s"] = tokens / dt
+            metrics["step_time_s"] = dt
+            if peak:
+                metrics["mfu"] = flops_per_step / (dt * peak * len(devices))
+            if metrics["skipped"]:
+                log.warning("step %d: non-finite loss or gradient (%d in a row, %d in all); update skipped",
+                            step, metrics["nonfinite_in_a_row"], metrics["nonfinite_total"])
+                if metrics["nonfinite_in_a_row"] >= tc.max_nonfinite_in_a_row:
+                    raise TrainingDiverged(
+                        f"step {step}: {int(metrics['nonfinite_in_a_row'])} consecutive steps with a "
+                        f"non-finite loss or gradient (train.max_nonfinite_in_a_row="
+                        f"{tc.max_nonfinite_in_a_row}); stopped without saving. The last good "
+                        f"checkpoint is in {tc.checkpoint_dir}"
+                    )
+            bar.update(1)
+            bar.set_postfix_str(_postfix(step, metrics), refresh=False)
+            if step % tc.log_every == 0 or step == tc.steps:
+                writer.scalars(step, {k: v for k, v in metrics.items()}, prefix="train/")
+                writer.scalars(step, {"learning_rate": float(optim.learning_rate_schedule(tc)(step - 1))},
+                               prefix="train/")
+            if eval_step is not None and step % tc.eval_every == 0:
+                eval_metrics = _eval_pass(eval_step, state.params, make_eval_iter, tc.eval_batches, batch_sh, rows)
+                writer.scalars(step, eval_metrics, prefix="eval/")
+                bar.write(f"step {step} validation: " + " ".join(
+                    f"{t}={eval_metrics[f'{t}/nll']:.3f}" for t in TRACKS))
+            saved = False
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                ckpt.save(step, state.as_dict(), train_iter, cfg_dict)
+                saved = True
+            if preemption.anywhere():
+                if not saved:
+                    ckpt.save(step, state.as_dict(), train_iter, cfg_dict)
+                reason = "preempted"
+                break
+    finally:
+        if profiling:
+            jax.profiler.stop_trace()
+        bar.close()
+        writer.close()
+        ckpt.close()  # waits for the last asynchronous save
+    if reason == "preempted":
+        say(f"SIGTERM: saved step {step} to {tc.checkpoint_dir}; run again to resume")
+    else:
+        say(f"done: step {step}; loss {metrics.get('loss', float('nan')):.4f}; "
+            f"checkpoints in {tc.checkpoint_dir}; TensorBoard logs in {tc.tensorboard_dir}")
+    return RunResult(step=step, reason=reason, metrics=metrics, eval_metrics=eval_metrics,
+                     checkpoint_dir=tc.checkpoint_dir, tensorboard_dir=tc.tensorboard_dir)
+
+
+def _check_same_model(ckpt: Checkpointer, cfg_dict: dict) -> None:
+    saved = ckpt.saved_config()
+    if saved is not None and saved.get("model") != cfg_dict["model"]:
+        diff = {k: (saved["model"].get(k), v) for k, v in cfg_dict["model"].items() if saved["model"].get(k) != v}
+        raise ConfigError(
+            f"{ckpt.directory} holds checkpoints of a different model (saved vs now: {diff}); "
+            "choose another train.output_dir, or train.resume=false to start over there"
+        )
+
+
+def _postfix(step: int, m: dict[str, float]) -> str:
+    parts = [f"step {step}", f"loss {m['loss']:.4f}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    if "mfu" in m:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    if m.get("nonfinite_total"):
+        parts.append(f"skipped {int(m['nonfinite_total'])}")
+    return ", ".join(parts)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                file=sys.stderr, desc="train")
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.steps=200 data.batch_size=16")
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: the coordinator's address")
+    parser.add_argument("--num-processes", type=int, help="multi-process: how many processes in all")
+    parser.add_argument("--process-id", type=int, help="multi-process: this process's rank")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # bad keys/values fail here, before any compile
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        train(cfg)
+    except TrainingDiverged as e:
+        print(f"esm3-jax train: error: {e}", file=sys.stderr)
+        return 3
+    return 0

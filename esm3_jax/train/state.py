@@ -1,0 +1,89 @@
+"""The train state and its creation, sharded from the first byte.
+
+The state is created by a jitted init whose out_shardings come from the parameters' logical
+axis names, so no process ever holds an unsharded copy of a large model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from esm3_jax.train import sharding as shd
+
+# The model's keyword inputs, in the batch contract's names.
+MODEL_INPUT_KEYS = (
+    "sequence_tokens", "structure_tokens", "ss8_tokens", "sasa_tokens", "function_tokens",
+    "residue_annotation_tokens", "average_plddt", "per_res_plddt", "structure_coords",
+    "chain_id", "sequence_id",
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: train steps taken, skipped (non-finite) ones included
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2]: split once per step for any stochastic layer
+    nonfinite_in_a_row: jax.Array  # int32: consecutive steps skipped for a non-finite loss/grad
+    nonfinite_total: jax.Array  # int32: all steps skipped so far
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+def example_inputs(batch: int, length: int) -> dict[str, jax.Array]:
+    """Zero inputs of the contract's shapes and dtypes: enough to create the parameters."""
+    i32 = lambda *s: jnp.zeros(s, jnp.int32)
+    f32 = lambda *s: jnp.zeros(s, jnp.float32)
+    return dict(
+        sequence_tokens=i32(batch, length), structure_tokens=i32(batch, length), ss8_tokens=i32(batch, length),
+        sasa_tokens=i32(batch, length), function_tokens=i32(batch, length, 8),
+        residue_annotation_tokens=i32(batch, length, 16), average_plddt=f32(batch, length),
+        per_res_plddt=f32(batch, length), structure_coords=f32(batch, length, 3, 3),
+        chain_id=i32(batch, length), sequence_id=jnp.ones((batch, length), jnp.int32),
+    )
+
+
+def _init_boxed(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """The state with parameters (and their Adam moments) still boxed with logical axis names."""
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng, **example_inputs(1, 8))["params"]
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=state_rng,
+                      nonfinite_in_a_row=zero, nonfinite_total=zero)
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules):
+    """(abstract unboxed state, its NamedShardings). Costs no FLOPs: shapes only."""
+    abstract_boxed = jax.eval_shape(lambda r: _init_boxed(model, tx, r), jax.random.PRNGKey(0))
+    logical = nn.get_partition_spec(abstract_boxed)
+    abstract = nn.unbox(abstract_boxed)
+    return abstract, shd.logical_to_shardings(logical, abstract, mesh, rules)
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, shardings) -> TrainState:
+    """A fresh state, each array created directly in its sharded layout."""
+    init = jax.jit(lambda r: nn.unbox(_init_boxed(model, tx, r)), out_shardings=shardings)
+    return init(jax.random.PRNGKey(seed))
+
+
+def abstract_with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying target shardings: what a checkpoint restore is asked for."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))

@@ -1,0 +1,138 @@
+"""One optimizer step and one evaluation step, jitted with explicit shardings.
+
+Gradient accumulation is a `lax.scan` over microbatches inside the step: every microbatch's
+loss is divided by the *full* batch's per-track counts (known from the masks before the
+model runs), so the summed gradient is exactly the full-batch gradient whatever the split.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from esm3_jax.train import loss as loss_lib
+from esm3_jax.train import sharding as shd
+from esm3_jax.train.state import MODEL_INPUT_KEYS, TrainState
+
+
+def _model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: batch[k] for k in MODEL_INPUT_KEYS}
+
+
+def _split_microbatches(batch: Mapping[str, jax.Array], n: int, mesh: Mesh, rules) -> dict[str, jax.Array]:
+    """(B, ...) -> (n, B/n, ...) with microbatch k = rows k, k+n, k+2n, ...
+
+    Reshaping to (B/n, n) keeps every device's contiguous block of rows on that device; the
+    microbatch axis is then moved to the front, which is also local. No data moves.
+    """
+
+    def split(x):
+        y = x.reshape((x.shape[0] // n, n) + x.shape[1:])
+        y = jnp.moveaxis(y, 1, 0)
+        spec = P(None, *shd.batch_spec(rules, x.ndim))
+        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss_weights: Mapping[str, float],
+                    grad_accum_steps: int, mesh: Mesh, rules) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The un-jitted train step `(state, batch) -> (state, metrics)`; see `jit_train_step`."""
+    weights = dict(loss_weights)
+
+    def loss_fn(params, microbatch, counts, rng):
+        outputs = model.apply({"params": params}, **_model_inputs(microbatch), rngs={"dropout": rng})
+        sums = loss_lib.track_sums(outputs, microbatch)
+        return loss_lib.weighted_loss(sums, counts, weights), sums
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        step_rng, next_rng = jax.random.split(state.rng)
+        counts = loss_lib.loss_counts(batch)
+        if grad_accum_steps == 1:
+            (_, sums), grads = grad_fn(state.params, batch, counts, step_rng)
+        else:
+            micro = _split_microbatches(batch, grad_accum_steps, mesh, rules)
+
+            def body(carry, mb_and_i):
+                mb, i = mb_and_i
+                (_, sums), grads = grad_fn(state.params, mb, counts, jax.random.fold_in(step_rng, i))
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+            zeros = jax.tree.map(
+                jnp.zeros_like,
+                jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), counts, step_rng)),
+            )
+            init = (zeros[1], zeros[0][1])
+            (grads, sums), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum_steps)))
+
+        metrics = loss_lib.metrics_from_sums(sums, counts, weights)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # A non-finite step leaves parameters and optimizer state exactly as they were.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        nonfinite_in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            rng=next_rng,
+            nonfinite_in_a_row=nonfinite_in_a_row,
+            nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
+        )
+        metrics.update(
+            grad_norm=grad_norm,
+            param_norm=optax.tree.norm(state.params),
+            skipped=(~finite).astype(jnp.int32),
+            nonfinite_in_a_row=nonfinite_in_a_row,
+            nonfinite_total=new_state.nonfinite_total,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(step_fn, state_shardings, batch_shardings, mesh: Mesh, rules):
+    """jit with explicit in/out shardings and the state donated: the old state's buffers are reused."""
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
+    return InContext(jitted, mesh, rules)
+
+
+def make_eval_step(model: nn.Module, params_shardings, batch_shardings, mesh: Mesh, rules):
+    """`(params, batch) -> per-track (loss sum, correct sum) and counts`, for NLL over many batches."""
+
+    def eval_step(params, batch):
+        outputs = model.apply({"params": params}, **_model_inputs(batch))
+        return loss_lib.track_sums(outputs, batch), loss_lib.loss_counts(batch)
+
+    jitted = jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings),
+                     out_shardings=NamedSharding(mesh, P()))
+    return InContext(jitted, mesh, rules)
+
+
+class InContext:
+    """A jitted function that is traced, lowered and run inside the mesh + logical-rules context."""
+
+    def __init__(self, jitted, mesh, rules):
+        self._jitted, self._mesh, self._rules = jitted, mesh, rules
+
+    def __call__(self, *args):
+        with shd.sharding_context(self._mesh, self._rules):
+            return self._jitted(*args)
+
+    def lower(self, *args):
+        with shd.sharding_context(self._mesh, self._rules):
+            return self._jitted.lower(*args)
