@@ -38,7 +38,9 @@ setup(
             "httpx",  # imported by esm but not declared by it
             "freesasa==2.2.1",  # cross-check of our Shrake-Rupley SASA
         ],
+        # Ahead-of-time compilation for TPU topologies from any machine (`esm3-jax aot`).
         "tpu-aot": ["libtpu"],
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["esm3-jax=esm3_jax.cli:main"]},
 )

@@ -226,7 +226,7 @@ def test_every_parameter_carries_logical_axis_names():
     for x in leaves:
         assert len(x.names) == len(x.value.shape)
     names = {n for x in leaves for n in x.names if n}
-    assert {"embed", "mlp", "heads", "kv", "vocab", "layers", "geom_heads"} <= names
+    assert {"embed", "mlp", "heads", "kv", "vocab", "input_vocab", "layers", "geom_heads"} <= names
 
 
 def test_scanned_trunk_program_size_is_independent_of_depth():

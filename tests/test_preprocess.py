@@ -190,7 +190,11 @@ def test_cli_summary_and_unknown_input_type(tmp_path, capsys):
 
 def test_structure_encoder_option_errors_clearly_without_the_tokenizer(tmp_path, capsys, monkeypatch):
     """No fake tokens: an installation without the structure tokenizer fails up front, clearly."""
-    monkeypatch.setitem(sys.modules, "esm3_jax.structure_tokenizer", None)  # as if the module were absent
+    import esm3_jax
+
+    # As if the module were absent: hide it from the import system and from the package.
+    monkeypatch.setitem(sys.modules, "esm3_jax.structure_tokenizer", None)
+    monkeypatch.delattr(esm3_jax, "structure_tokenizer", raising=False)
     fasta = tmp_path / "x.fasta"
     fasta.write_text(">a\nMKTAYIAKQR\n")
     out = tmp_path / "out"

@@ -126,7 +126,7 @@ class EncodeInputs(nn.Module):
         emb = nn.initializers.normal(stddev=1.0)
 
         def table(name, rows, ids):
-            w = param(self, name, (rows, d), ("vocab", EMBED), emb)
+            w = param(self, name, (rows, d), ("input_vocab", EMBED), emb)
             return jnp.take(w, ids, axis=0)
 
         h = table("sequence_embed", T.SEQUENCE_EMBED_ROWS, x["sequence_tokens"])
@@ -142,7 +142,7 @@ class EncodeInputs(nn.Module):
         # 8 function tables of width d/8, concatenated; id 0 (pad/mask) embeds to zero.
         fn_ids = x["function_tokens"]
         w_fn = param(
-            self, "function_embed", (T.FUNCTION_DEPTH, T.FUNCTION_VOCAB_SIZE, d // 8), (None, "vocab", None), emb
+            self, "function_embed", (T.FUNCTION_DEPTH, T.FUNCTION_VOCAB_SIZE, d // 8), (None, "input_vocab", None), emb
         )
         fn = jax.vmap(lambda w, ids: jnp.take(w, ids, axis=0), in_axes=(0, -1), out_axes=-2)(w_fn, fn_ids)
         fn = fn * (fn_ids != T.FUNCTION_PAD)[..., None]
@@ -150,7 +150,7 @@ class EncodeInputs(nn.Module):
 
         # Residue annotations: a sum over up to 16 ids per position; id 0 contributes nothing.
         ra_ids = x["residue_annotation_tokens"]
-        w_ra = param(self, "residue_embed", (T.RESIDUE_VOCAB_SIZE, d), ("vocab", EMBED), emb)
+        w_ra = param(self, "residue_embed", (T.RESIDUE_VOCAB_SIZE, d), ("input_vocab", EMBED), emb)
         # As a (B, L, 1478) count matrix built by scatter-add, then one matmul: ~4x cheaper on
         # the CPU than summing one-hots or gathered rows, and a plain matmul for the backward.
         B, L, K = ra_ids.shape

@@ -247,7 +247,7 @@ class StructureDecoder(nn.Module):
         valid = tokens != T.STRUCTURE_PAD if attention_mask_BxL is None else jnp.asarray(attention_mask_BxL, bool)
         seq_id = jnp.zeros((B, L), jnp.int32) if sequence_id_BxL is None else jnp.asarray(sequence_id_BxL)
 
-        table = param(self, "token_embed", (T.STRUCTURE_VOCAB_SIZE, cfg.d_model), ("vocab", EMBED), nn.initializers.normal(1.0))
+        table = param(self, "token_embed", (T.STRUCTURE_VOCAB_SIZE, cfg.d_model), ("input_vocab", EMBED), nn.initializers.normal(1.0))
         x_BxLxD = jnp.take(table, tokens, axis=0)
         if code_embeddings_BxLxD is not None:
             is_code = (tokens < T.STRUCTURE_CODEBOOK_SIZE)[..., None]
@@ -255,7 +255,7 @@ class StructureDecoder(nn.Module):
         if cfg.sequence_conditioning:
             if sequence_BxL is None:
                 raise ValueError("this decoder is sequence-conditioned: pass the amino-acid sequence")
-            aa = param(self, "sequence_embed", (N_AMINO_ACIDS + 1, cfg.d_model), ("vocab", EMBED), nn.initializers.normal(1.0))
+            aa = param(self, "sequence_embed", (N_AMINO_ACIDS + 1, cfg.d_model), ("input_vocab", EMBED), nn.initializers.normal(1.0))
             x_BxLxD = x_BxLxD + jnp.take(aa, jnp.asarray(sequence_BxL, jnp.int32), axis=0)
 
         # The reference ignores its attention mask and lets every token see the padding; masking

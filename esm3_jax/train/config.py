@@ -129,7 +129,7 @@ class TrainConfig:
 # Mesh axis names, outermost first: data parallel, fully sharded data parallel, tensor parallel.
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis names the model (and the batch) use.
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "layers", "geom_proj")
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "input_vocab", "layers", "geom_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +147,11 @@ class LogicalRules:
     mlp: tuple[str, ...] = ("tensor",)
     heads: tuple[str, ...] = ("tensor",)
     kv: tuple[str, ...] = ()
-    vocab: tuple[str, ...] = ("tensor",)
+    vocab: tuple[str, ...] = ("tensor",)  # output heads' logits
+    # Input embedding tables: replicated rows, so a lookup never needs a gather across devices.
+    input_vocab: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()
-    geom_proj: tuple[str, ...] = ()
+    geom_heads: tuple[str, ...] = ()
 
     def as_flax_rules(self) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
         """The rules in the form `flax.linen.logical_axis_rules` takes."""
