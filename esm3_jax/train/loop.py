@@ -212,6 +212,12 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
 
     flops_per_step = train_flops_per_token(cfg.model, cfg.data.max_length) * rows * cfg.data.max_length
     peak = peak_flops_per_device(devices[0].device_kind, tc.peak_flops_per_device)
+    if peak is None:
+        # No datasheet number for this device (a CPU): measure its matmul rate, so MFU is shown.
+        from esm3_jax.bench import matmul_peak_flops
+
+        peak = matmul_peak_flops(jax.numpy.dtype(cfg.model.dtype).name, n=1024, repeats=3)
+        say(f"  measured matmul peak of {devices[0].device_kind}: {peak / 1e9:.0f} GFLOP/s per device (for MFU)")
     writer = MetricWriter(tc.tensorboard_dir if main_process else None,
                           wandb_project=tc.wandb_project if tc.wandb else None, config=cfg_dict)
     bar = _progress_bar(tc.steps, start_step, enabled=main_process and tc.progress_bar)
