@@ -29,9 +29,17 @@ def save_params(directory: str | Path, params: Any, config: dict, kind: str) -> 
 
 
 def load_params(directory: str | Path) -> tuple[str, dict, Any]:
-    """Return (kind, model config dict, params as numpy arrays) from a params checkpoint."""
+    """(kind, model config dict, params as numpy) from a params checkpoint or a training run."""
     directory = Path(directory).absolute()
     meta_path = directory / META_FILE
+    if not meta_path.is_file() and directory.is_dir():
+        # A training run (its output_dir or checkpoints/ folder): the latest step's params.
+        from esm3_jax.train.checkpoint import checkpoint_dir_of, read_checkpoint
+
+        ckpt_dir = checkpoint_dir_of(directory)
+        if any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+            info = read_checkpoint(ckpt_dir)
+            return "esm3", info["config"]["model"], jax.tree.map(np.asarray, info["state"]["params"])
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"{directory}: not an esm3-jax checkpoint (no {META_FILE}); make one with `esm3-jax convert` "

@@ -19,7 +19,7 @@ from esm3_jax.model.structure_heads import MAX_PAE_BIN, N_DIRECTION_BINS, N_DIST
 
 # Squared-error clamps. The paper gives no values; (5 Å)^2 is a recollection (ESM3_SPEC 5.4). A
 # clamped pair has no gradient, so while most pairs are off by more than the clamp (early
-# training, long crops) only short-range geometry is learned: see BENCHMARKS_vqvae.md.
+# training, long crops) only short-range geometry is learned: see BENCHMARKS.md.
 DISTANCE_CLAMP = 25.0
 DIRECTION_CLAMP = 20.0
 DISTOGRAM_EDGES = np.linspace(2.3125, 21.6875, N_DISTOGRAM_BINS - 1, dtype=np.float32)  # Å, AF2's
