@@ -93,7 +93,7 @@ def _tb_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.fixture(scope="module")
 def reference_run(records, jax_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(records, out) + ["train.profile_steps=[2,3]"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(records, out))
     return out, train(cfg)
 
 
@@ -111,10 +111,20 @@ def test_training_learns_logs_validates_and_checkpoints(reference_run):
                 "train/grad_norm", "train/learning_rate", "train/tokens_per_s", "eval/sequence/nll", "eval/ss8/nll"):
         assert tag in scalars, sorted(scalars)
     assert [s for s, _ in scalars["eval/sequence/nll"]] == [6, 12]
-    assert list((out / "profile").rglob("*.xplane.pb")), "no profiler trace of steps 2-3"
     # Real chains with DSSP labels: sequence and SS8 validation NLL are measured, and below chance.
     assert 0 < result.eval_metrics["sequence/nll"] < np.log(33)
     assert 0 < result.eval_metrics["ss8/nll"] < np.log(8)
+
+
+def test_profile_option_writes_a_trace_of_the_chosen_steps(records, jax_cache, tmp_path):
+    """`train.profile_steps=[2,3]` captures a jax.profiler trace. Run as its own process, as a
+    user would: the profiler then shares no process with the other tests' libraries."""
+    overrides = _overrides(records, tmp_path) + ["train.steps=4", "train.eval_every=0", "train.profile_steps=[2,3]"]
+    proc = _start(overrides, jax_cache)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "profile of steps 2-3" in out
+    assert list((tmp_path / "profile").rglob("*.xplane.pb")), "no profiler trace of steps 2-3"
 
 
 class _PoisonFrom(grain.DatasetIterator):
