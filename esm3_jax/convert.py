@@ -52,7 +52,7 @@ def reshaped(shape: tuple[int, ...]) -> Layout:
 Row = tuple[str, tuple[str, ...], Layout]
 
 
-def _block_rows(t: str, f: tuple[str, ...], cfg: ModelConfig, use_geom: bool) -> list[Row]:
+def block_rows(t: str, f: tuple[str, ...], cfg: ModelConfig, use_geom: bool) -> list[Row]:
     d, H, K, hid, vh = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.ffn_hidden, cfg.v_heads
     rows = [
         (f"{t}.attn.layernorm_qkv.0.weight", f + ("attn", "norm", "scale"), SAME),
@@ -103,14 +103,14 @@ def esm3_rows(cfg: ModelConfig) -> tuple[list[Row], list[list[Row]]]:
             (f"{t}.3.bias", f + ("out_bias",), SAME),
         ]
     for i in range(cfg.n_layers_geom):
-        rows += _block_rows(f"transformer.blocks.{i}", ("trunk", f"geom_block_{i}"), cfg, True)
+        rows += block_rows(f"transformer.blocks.{i}", ("trunk", f"geom_block_{i}"), cfg, True)
     stacked: list[list[Row]] = []
     for j in range(cfg.n_layers - cfg.n_layers_geom):
         t = f"transformer.blocks.{cfg.n_layers_geom + j}"
         if cfg.scan_layers:
-            stacked.append(_block_rows(t, ("trunk", "blocks", "block"), cfg, False))
+            stacked.append(block_rows(t, ("trunk", "blocks", "block"), cfg, False))
         else:
-            rows += _block_rows(t, ("trunk", f"block_{j}"), cfg, False)
+            rows += block_rows(t, ("trunk", f"block_{j}"), cfg, False)
     return rows, stacked
 
 

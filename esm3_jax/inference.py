@@ -18,7 +18,7 @@ import numpy as np
 from esm3_jax import tokens as T
 from esm3_jax.config import model_config_from_dict
 from esm3_jax.model.config import ModelConfig
-from esm3_jax.model.esm3 import ESM3, INPUT_KEYS
+from esm3_jax.model.esm3 import ESM3, INPUT_KEYS, TRACK_KEYS
 from esm3_jax.params_io import load_params
 
 
@@ -86,7 +86,7 @@ def validate_inputs(inputs: dict[str, Any], source: str = "inputs") -> dict[str,
                 )
             a = a.astype(np.int32)
         out[key] = a
-    if "sequence_tokens" not in out and all(k in ("average_plddt", "per_res_plddt", "chain_id", "sequence_id") for k in out):
+    if not any(k in out for k in TRACK_KEYS):
         raise InputError(f"{source}: needs at least one track (tokens or coordinates), got only {sorted(out)}")
     return out
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from esm3_jax import tokens as T
 from esm3_jax.config import from_dict, to_dict
-from esm3_jax.convert import LINEAR, SAME, Row, _block_rows, kernel, kernel_in, reshaped
+from esm3_jax.convert import LINEAR, SAME, Row, block_rows, kernel, kernel_in, reshaped
 from esm3_jax.model.vqvae import DecoderConfig, EncoderConfig, StructureDecoder, StructureEncoder, aa_indices
 from esm3_jax.params_io import load_params
 
@@ -99,9 +99,9 @@ def decoder_rows(cfg: DecoderConfig) -> tuple[list[Row], list[list[Row]]]:
     for j in range(cfg.n_layers):
         t = f"decoder_stack.blocks.{j}"
         if cfg.scan_layers:
-            stacked.append(_block_rows(t, p + ("trunk", "blocks", "block"), tcfg, False))
+            stacked.append(block_rows(t, p + ("trunk", "blocks", "block"), tcfg, False))
         else:
-            rows += _block_rows(t, p + ("trunk", f"block_{j}"), tcfg, False)
+            rows += block_rows(t, p + ("trunk", f"block_{j}"), tcfg, False)
     return rows, stacked
 
 

@@ -135,20 +135,27 @@ def input_kind(path: str | Path) -> str:
 # --- enumeration ------------------------------------------------------------------------------------
 
 
-def iter_fasta(path: str | Path) -> Iterator[Entry]:
-    """One entry per `>` record; text before the first header becomes an (unparsable) entry too."""
+def _header_blocks(path: str | Path) -> Iterator[tuple[int, str | None, list[str]]]:
+    """(line number, header, non-empty body lines) per `>` block; text before the first
+    header is a block too, with header None (the caller rejects it)."""
     with open_text(path) as f:
-        header, start, chunks = None, 1, []
+        header, start, lines = None, 1, []
         for n, line in enumerate(f, 1):
             line = line.strip()
             if line.startswith(">"):
-                if header is not None or chunks:
-                    yield Entry("fasta", f"{path}:{start}", (header, "".join(chunks)))
-                header, start, chunks = line[1:].strip(), n, []
+                if header is not None or lines:
+                    yield start, header, lines
+                header, start, lines = line[1:].strip(), n, []
             elif line:
-                chunks.append(line)
-        if header is not None or chunks:
-            yield Entry("fasta", f"{path}:{start}", (header, "".join(chunks)))
+                lines.append(line)
+        if header is not None or lines:
+            yield start, header, lines
+
+
+def iter_fasta(path: str | Path) -> Iterator[Entry]:
+    """One entry per `>` record; text before the first header becomes an (unparsable) entry too."""
+    for start, header, lines in _header_blocks(path):
+        yield Entry("fasta", f"{path}:{start}", (header, "".join(lines)))
 
 
 def iter_jsonl(path: str | Path) -> Iterator[Entry]:
@@ -160,18 +167,8 @@ def iter_jsonl(path: str | Path) -> Iterator[Entry]:
 
 def iter_residue_labels(path: str | Path) -> Iterator[Entry]:
     """ScanNet-style per-residue labels: `>name`, then `chain resnum aa label` lines."""
-    with open_text(path) as f:
-        header, start, lines = None, 1, []
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if line.startswith(">"):
-                if header is not None or lines:
-                    yield Entry("residue_labels", f"{path}:{start}", (header, tuple(lines)))
-                header, start, lines = line[1:].strip(), n, []
-            elif line:
-                lines.append(line)
-        if header is not None or lines:
-            yield Entry("residue_labels", f"{path}:{start}", (header, tuple(lines)))
+    for start, header, lines in _header_blocks(path):
+        yield Entry("residue_labels", f"{path}:{start}", (header, tuple(lines)))
 
 
 def structure_files(folder: str | Path) -> list[Path]:

@@ -60,6 +60,9 @@ INPUT_KEYS = (
     "sequence_id",
 )
 
+# The inputs that carry a track (and so fix batch and length); the rest only annotate it.
+TRACK_KEYS = tuple(k for k in INPUT_KEYS if k not in ("average_plddt", "per_res_plddt", "chain_id", "sequence_id"))
+
 REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -75,7 +78,7 @@ def plddt_rbf(values: jnp.ndarray, n_bins: int = T.PLDDT_RBF_BINS) -> jnp.ndarra
 
 def fill_defaults(inputs: dict[str, Any]) -> dict[str, jnp.ndarray]:
     """The reference forward's defaults for every absent track (ESM3_SPEC 1.8)."""
-    present = [inputs.get(k) for k in INPUT_KEYS if inputs.get(k) is not None and k not in ("average_plddt", "per_res_plddt", "chain_id", "sequence_id")]
+    present = [inputs[k] for k in TRACK_KEYS if inputs.get(k) is not None]
     if not present:
         raise ValueError("ESM3 needs at least one track: got no sequence, structure, ss8, sasa, function, residue or coordinate input")
     B, L = present[0].shape[:2]

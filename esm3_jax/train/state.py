@@ -17,14 +17,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from esm3_jax.model.esm3 import INPUT_KEYS
 from esm3_jax.train import sharding as shd
 
-# The model's keyword inputs, in the batch contract's names.
-MODEL_INPUT_KEYS = (
-    "sequence_tokens", "structure_tokens", "ss8_tokens", "sasa_tokens", "function_tokens",
-    "residue_annotation_tokens", "average_plddt", "per_res_plddt", "structure_coords",
-    "chain_id", "sequence_id",
-)
+# The model's keyword inputs: the batch contract uses the same names.
+MODEL_INPUT_KEYS = INPUT_KEYS
 
 
 @flax.struct.dataclass
