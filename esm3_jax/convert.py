@@ -79,7 +79,6 @@ def block_rows(t: str, f: tuple[str, ...], cfg: ModelConfig, use_geom: bool) -> 
 
 def esm3_rows(cfg: ModelConfig) -> tuple[list[Row], list[list[Row]]]:
     """(rows for unstacked tensors, per-layer rows for the scanned stack (empty if unscanned))."""
-    d = cfg.d_model
     rows: list[Row] = [
         ("encoder.sequence_embed.weight", ("encoder", "sequence_embed"), SAME),
         ("encoder.structure_tokens_embed.weight", ("encoder", "structure_embed"), SAME),

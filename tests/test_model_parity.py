@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import jax
@@ -136,38 +135,17 @@ def test_padded_batch_of_different_lengths(reference):
     _compare(reference, dict(sequence_tokens=seq, structure_coords=coords, sequence_id=sequence_id))
 
 
-def _read_backbone(path: Path, max_residues: int):
-    gemmi = pytest.importorskip("gemmi")
-    st = gemmi.read_structure(str(path))
-    st.setup_entities()
-    chain = st[0][0]
-    residues = [r for r in chain if gemmi.find_tabulated_residue(r.name) and gemmi.find_tabulated_residue(r.name).is_amino_acid()]
-    residues = residues[:max_residues]
-    coords = np.full((len(residues), 3, 3), np.nan, np.float32)
-    letters = []
-    for i, r in enumerate(residues):
-        for j, atom in enumerate(("N", "CA", "C")):
-            a = r.find_atom(atom, "*")
-            if a is not None:
-                coords[i, j] = (a.pos.x, a.pos.y, a.pos.z)
-        letters.append(gemmi.find_tabulated_residue(r.name).one_letter_code.upper())
-    return "".join(letters), coords
-
-
 def test_real_protein_structure(reference):
-    index = DATA / "structures" / "index.jsonl"
-    if not index.is_file():
-        pytest.skip(f"real structures not found at {index}")
-    seq, bb = _read_backbone(DATA / "structures" / "biopython_tests" / "1A8O.cif.gz", 64) if (
-        DATA / "structures" / "biopython_tests" / "1A8O.cif.gz").exists() else (None, None)
-    if seq is None:
-        import json
-        row = json.loads(index.read_text().splitlines()[0])
-        seq, bb = _read_backbone(DATA / "structures" / row["file"], 64)
-    vocab = {c: i for i, c in enumerate(T.SEQUENCE_VOCAB)}
-    tokens = np.array([[T.SEQUENCE_BOS] + [vocab.get(c, vocab["X"]) for c in seq] + [T.SEQUENCE_EOS]], np.int32)
+    path = DATA / "structures" / "biopython_tests" / "1A8O.cif.gz"
+    if not path.is_file():
+        pytest.skip(f"real structure not found at {path}")
+    from esm3_jax.structure.io import load_structure
+
+    chain = load_structure(path)[0]
+    seq, coords37 = chain.sequence[:64], chain.coords[:64]
+    tokens = T.encode_sequence(seq)[None]
     coords = np.full((1, len(seq) + 2, 3, 3), np.nan, np.float32)
-    coords[0, 1:-1] = bb
+    coords[0, 1:-1] = coords37[:, :3]  # atom37 starts with N, CA, C
     _compare(reference, dict(sequence_tokens=tokens, structure_coords=coords))
 
 
