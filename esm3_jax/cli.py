@@ -39,6 +39,9 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a verb. Called without argv (as the program), it first moves under tcmalloc when the
+    machine has it (esm3_jax/allocator.py); called with argv (in-process, as tests do), never."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in VERBS:
         parser = _top_parser()
@@ -47,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     verb = argv[0]
+    if as_program and not any(a in ("-h", "--help") for a in argv[1:]):
+        from esm3_jax.allocator import reexec_under_tcmalloc
+
+        reexec_under_tcmalloc(argv)
     module = importlib.import_module(VERBS[verb][0])
     parser = argparse.ArgumentParser(prog=f"esm3-jax {verb}", description=VERBS[verb][1])
     module.add_cli_arguments(parser)

@@ -18,26 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from esm3_jax.model.layers import EMBED, LayerNorm, fan_in_init, param
+from esm3_jax.model.geom_kernel import geometric_softmax
+from esm3_jax.model.layers import EMBED, LayerNorm, dense, fan_in_init, param
 
 _INV_SQRT3 = 1.0 / math.sqrt(3.0)
 # Projection groups, in the reference's channel order.
 Q_ROT, K_ROT, VALUE, Q_DIST, K_DIST = range(5)
-
-
-def pairwise_distance(a_BxHxQx3: jnp.ndarray, b_BxHxKx3: jnp.ndarray) -> jnp.ndarray:
-    """Euclidean distances (B, H, Q, K) without materialising the (B, H, Q, K, 3) differences.
-
-    |a-b|^2 = |a|^2 + |b|^2 - 2 a.b loses precision when |a| and |b| are large compared with their
-    distance; callers centre the points on the protein first, which keeps the magnitudes at the
-    protein's radius. The small floor keeps the square root differentiable at zero.
-    """
-    sq = (
-        jnp.sum(a_BxHxQx3**2, -1)[..., :, None]
-        + jnp.sum(b_BxHxKx3**2, -1)[..., None, :]
-        - 2.0 * jnp.einsum("bhqc,bhkc->bhqk", a_BxHxQx3, b_BxHxKx3)
-    )
-    return jnp.sqrt(jnp.maximum(sq, 0.0) + 1e-12)
 
 
 class GeometricAttention(nn.Module):
@@ -68,12 +54,12 @@ class GeometricAttention(nn.Module):
             param(self, "proj_bias", (5, h, 3), (None, "geom_heads", None), nn.initializers.zeros)
             if self.use_bias else None
         )
-        # Centre translations on each row's mean: distances are translation
-        # invariant, and small magnitudes keep the expanded squared distance accurate in fp32.
+        # Centre translations on each row's mean: distances are translation invariant, and small
+        # magnitudes keep the points' fp32 rounding small next to their separations.
         trans = trans_BxLx3 - jax.lax.stop_gradient(jnp.mean(trans_BxLx3, axis=1, keepdims=True))
         to_bhl = lambda a: jnp.transpose(a, (0, 2, 1, 3))  # (B,L,H,3) -> (B,H,L,3)
         if n_queries is None:
-            p_BxLx5xHx3 = jnp.einsum("bld,dghc->blghc", y, w_proj)
+            p_BxLx5xHx3 = dense(y, w_proj)
             if b_proj is not None:
                 p_BxLx5xHx3 = p_BxLx5xHx3 + b_proj
             # Local -> global: v_global = R v_local (+ t for points).
@@ -84,7 +70,7 @@ class GeometricAttention(nn.Module):
         else:
             def project(y_BxNxD, groups, rot_BxNx3x3):
                 groups = jnp.asarray(groups)
-                p = jnp.einsum("bld,dghc->blghc", y_BxNxD, w_proj[:, groups])
+                p = dense(y_BxNxD, w_proj[:, groups])
                 if b_proj is not None:
                     p = p + b_proj[groups]
                 return jnp.einsum("blij,blghj->blghi", rot_BxNx3x3, p)
@@ -99,26 +85,26 @@ class GeometricAttention(nn.Module):
 
         w_rot = nn.softplus(param(self, "rotation_scale", (h,), ("geom_heads",), nn.initializers.zeros))
         w_dist = nn.softplus(param(self, "distance_scale", (h,), ("geom_heads",), nn.initializers.zeros))
-        direction_BxHxLxL = jnp.einsum("bhqc,bhkc->bhqk", q_rot, k_rot) * _INV_SQRT3
-        distance_BxHxLxL = pairwise_distance(q_dist, k_dist) * _INV_SQRT3
-        logits = (
-            direction_BxHxLxL * w_rot[None, :, None, None]
-            - distance_BxHxLxL * w_dist[None, :, None, None]
+        # Fold the per-head weights into the vectors (a|q - k| = |aq - ak| for a > 0), flatten
+        # (batch, head) into the kernel's rows, and let the fused kernel do the pairwise part.
+        B, nq = q_rot.shape[0], q_rot.shape[2]
+        rows = lambda a_BxHxNx3: a_BxHxNx3.reshape(B * h, a_BxHxNx3.shape[2], 3)
+        per_head = lambda a: a[None, :, None, None]
+        per_row = lambda a_BxN: jnp.repeat(a_BxN, h, axis=0)
+        o_NxQx3 = geometric_softmax(
+            rows(q_rot * per_head(w_rot * _INV_SQRT3)), rows(k_rot), rows(value),
+            rows(q_dist * per_head(w_dist * _INV_SQRT3)), rows(k_dist * per_head(w_dist * _INV_SQRT3)),
+            per_row(sequence_id_BxL[:, :nq]), per_row(sequence_id_BxL), per_row(chain_id_BxL[:, :nq]),
+            per_row(chain_id_BxL), per_row(frame_mask_BxL),
         )
+        o_BxHxLx3 = o_NxQx3.reshape(B, h, nq, 3)
 
-        nq = q_rot.shape[2]  # queries: L, or n_queries
-        bias_BxLxL = (sequence_id_BxL[:, :nq, None] == sequence_id_BxL[:, None, :]).astype(jnp.float32)
-        blocked = (~frame_mask_BxL[:, None, :]) | (chain_id_BxL[:, :nq, None] != chain_id_BxL[:, None, :])
-        bias_BxLxL = jnp.where(blocked, jnp.finfo(jnp.float32).min, bias_BxLxL)
-        probs = jax.nn.softmax(logits + bias_BxLxL[:, None], axis=-1)
-
-        o_BxHxLx3 = jnp.einsum("bhqk,bhkc->bhqc", probs, value)
         # Global -> the query's local frame: R^T o.
         o_BxLxHx3 = jnp.einsum("blji,bhlj->blhi", rot_BxLx3x3, o_BxHxLx3)
         if self.mask_and_zero_frameless:
             o_BxLxHx3 = jnp.where(frame_mask_BxL[:, :nq, None, None], o_BxLxHx3, 0.0)
         w_out = param(self, "out", (h, 3, self.d_model), ("geom_heads", None, EMBED), fan_in_init(2))
-        out = jnp.einsum("blhc,hcd->bld", o_BxLxHx3, w_out)
+        out = dense(o_BxLxHx3, w_out, n_in=2)
         if self.use_bias:
             out = out + param(self, "out_bias", (self.d_model,), (EMBED,), nn.initializers.zeros)
         return out.astype(out_dtype)

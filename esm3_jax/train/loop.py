@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
+from esm3_jax import allocator
 from esm3_jax.config import Config, ConfigError, load_config, to_dict
 from esm3_jax.flops import train_flops_per_token
 from esm3_jax.model.esm3 import ESM3
@@ -169,7 +170,8 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
     abstract, state_sh = state_lib.state_shardings(model, tx, mesh, rules)
     n_params = state_lib.param_count(abstract.params)
     say(f"esm3-jax train: {n_params:,} parameters; mesh {shd.mesh_summary(mesh)}; "
-        f"batch {cfg.data.batch_size} x {cfg.data.max_length} tokens; {tc.steps} steps")
+        f"batch {cfg.data.batch_size} x {cfg.data.max_length} tokens; {tc.steps} steps; "
+        f"host allocator {allocator.active()}")
     say(f"  checkpoints -> {tc.checkpoint_dir}\n  tensorboard -> {tc.tensorboard_dir}")
 
     train_iter = make_train_iter()

@@ -1,0 +1,172 @@
+"""The pairwise core of geometric attention as one fused kernel with a hand-written backward pass.
+
+Given per-head query/key direction vectors, query/key points and values, already moved into the
+global frame and scaled (softplus(w_rot)/sqrt3 folded into the query directions, softplus(w_dist)/
+sqrt3 into both point sets, so that |a q - a k| = a |q - k| carries the distance weight):
+
+    s_nqk = <qr_nq, kr_nk> - |qd_nq - kd_nk| + bias_nqk,    o_nq = sum_k softmax_k(s_nqk) v_nk
+
+Written with jnp einsums and left to autodiff, XLA materialises about twenty (heads, L, L) tensors
+in the forward and backward passes (broadcast distance terms, the bias per head, the softmax and
+its gradient pieces), and the sublayer is memory-bound: 1.7 s of a 10 s train step for the small
+config on a 2-core CPU (BENCHMARKS.md). Here the logits are recomputed elementwise from the O(L)
+vectors wherever they are needed, never stored, and the backward pass is written out: a "query
+grid" pass yields the query gradients and a pass over the transposed "key grid" the key and value
+gradients, each ending in plain row-major matmuls (K=L contractions) that XLA runs well. Only the
+softmax statistics per query are kept from the forward pass, as in flash attention.
+
+Work is split over chunks of the flattened batch x head axis (`lax.map`) so at most a few
+(chunk, Q, K) arrays are alive at once, which bounds memory at long lengths.
+The bias follows the reference exactly: +1 for same-sequence pairs (not a mask), the most negative
+float where the key has no frame or the pair spans two chains.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+# Inside the square root: keeps the distance's gradient finite when two points coincide.
+_DIST_EPS = 1e-12
+# Upper bound on one (chunk, Q, K) fp32 array; the backward pass holds about four of them. Big
+# enough that CPU-sized problems run unchunked: XLA:CPU runs these fusions several times slower
+# inside a while loop than outside one (measured: 0.6 s -> 2.4 s for the small config's sublayer).
+DEFAULT_CHUNK_BYTES = 1 << 30
+
+
+def _outer_dot(a_3xNxA, b_3xNxB):  # each a sequence of three (N, len) planes
+    """sum_c a[c, n, i] * b[c, n, j] elementwise (no dot: K=3 contractions are fused into the logits)."""
+    return sum(a_3xNxA[c][:, :, None] * b_3xNxB[c][:, None, :] for c in range(3))
+
+
+def _grid(rows, cols, key_is_col: bool):
+    """Logits and distances on a (N, rows, cols) grid.
+
+    rows/cols: dicts with vectors 'r' (directions) and 'd' (points) as three (N, len) planes, and per-residue
+    'seq', 'chain' (N, len) and, for the key side, 'ok' (N, len). On the query grid the keys are
+    the columns; on the transposed (key) grid they are the rows.
+    """
+    dirs = _outer_dot(rows["r"], cols["r"])
+    sq = sum((rows["d"][c][:, :, None] - cols["d"][c][:, None, :]) ** 2 for c in range(3))
+    dist = jnp.sqrt(sq + _DIST_EPS)
+    same = rows["seq"][:, :, None] == cols["seq"][:, None, :]
+    key_ok = cols["ok"][:, None, :] if key_is_col else rows["ok"][:, :, None]
+    blocked = ~key_ok | (rows["chain"][:, :, None] != cols["chain"][:, None, :])
+    bias = jnp.where(blocked, _NEG, same.astype(jnp.float32))
+    return dirs - dist + bias, dist
+
+
+def _components(x_NxLx3):
+    """The three (N, L) coordinate planes, each its own contiguous array (see _sides)."""
+    return tuple(x_NxLx3[..., c] for c in range(3))
+
+
+def _sides(qr, kr, qd, kd, q_meta, k_meta):
+    # The barrier makes the small per-component planes real arrays before the (N, Q, K) loops
+    # read them. Left to fusion, XLA folds the strided slicing into those loops (or picks a
+    # layout that makes a plane strided), and the per-element index arithmetic there cost ~10x
+    # in the train step (seen: 1.4 s instead of ~0.1 s per grid pass).
+    q, k = jax.lax.optimization_barrier((
+        {"r": _components(qr), "d": _components(qd), "seq": q_meta[0], "chain": q_meta[1]},
+        {"r": _components(kr), "d": _components(kd), "seq": k_meta[0], "chain": k_meta[1], "ok": k_meta[2]},
+    ))
+    return q, k
+
+
+def _forward_chunk(qr, kr, v, qd, kd, q_meta, k_meta):
+    q, k = _sides(qr, kr, qd, kd, q_meta, k_meta)
+    s_NxQxK, _ = _grid(q, k, key_is_col=True)
+    m_NxQ = jnp.max(s_NxQxK, axis=-1)
+    e_NxQxK = jnp.exp(s_NxQxK - m_NxQ[..., None])
+    # One matmul gives both the weighted values and the softmax normaliser (the ones column).
+    v1_NxKx4 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    acc_NxQx4 = jnp.einsum("nqk,nkc->nqc", e_NxQxK, v1_NxKx4)
+    norm_NxQ = acc_NxQx4[..., 3]
+    o_NxQx3 = acc_NxQx4[..., :3] / norm_NxQ[..., None]
+    # Max and normaliser are kept apart, not as one log-sum-exp: in a row whose every key is
+    # blocked, m is the most negative float and m + log(norm) would round back to m.
+    return o_NxQx3, (m_NxQ, 1.0 / norm_NxQ)
+
+
+def _backward_chunk(qr, kr, v, qd, kd, q_meta, k_meta, o, m_NxQ, inv_norm_NxQ, do_NxQx3):
+    q, k = _sides(qr, kr, qd, kd, q_meta, k_meta)
+    do_pl, v_pl = jax.lax.optimization_barrier((_components(do_NxQx3), _components(v)))
+    delta_NxQ = jnp.sum(do_NxQx3 * o, axis=-1)
+
+    # Query grid: gradients of the query directions and points (reductions over keys).
+    s, dist = _grid(q, k, key_is_col=True)
+    p = jnp.exp(s - m_NxQ[:, :, None]) * inv_norm_NxQ[:, :, None]
+    ds = p * (_outer_dot(do_pl, v_pl) - delta_NxQ[:, :, None])
+    g = ds / dist  # ds/d(dist) = -1, d(dist)/d(qd) = (qd - kd)/dist
+    d_qr = jnp.einsum("nqk,nkc->nqc", ds, kr)
+    d_qd = jnp.einsum("nqk,nkc->nqc", g, kd) - jnp.sum(g, axis=-1)[..., None] * qd
+
+    # Key grid (the transpose, recomputed rather than transposed): key and value gradients.
+    sT, distT = _grid(k, q, key_is_col=False)
+    pT = jnp.exp(sT - m_NxQ[:, None, :]) * inv_norm_NxQ[:, None, :]
+    dsT = pT * (_outer_dot(v_pl, do_pl) - delta_NxQ[:, None, :])
+    gT = dsT / distT
+    d_v = jnp.einsum("nkq,nqc->nkc", pT, do_NxQx3)
+    d_kr = jnp.einsum("nkq,nqc->nkc", dsT, qr)
+    d_kd = jnp.einsum("nkq,nqc->nkc", gT, qd) - jnp.sum(gT, axis=-1)[..., None] * kd
+    return d_qr, d_kr, d_v, d_qd, d_kd
+
+
+def _chunk_size(n: int, q: int, k: int, chunk_bytes: int) -> int:
+    """Largest divisor of n whose (chunk, q, k) fp32 array fits in chunk_bytes (at least 1)."""
+    best = 1
+    for c in range(1, n + 1):
+        if n % c == 0 and c * q * k * 4 <= chunk_bytes:
+            best = c
+    return best
+
+
+def _map_chunks(fn, n_chunks: int, *arrays):
+    """Apply fn to consecutive chunks of the leading axis of every array; concatenate the results."""
+    if n_chunks == 1:
+        return fn(*arrays)
+    split = lambda a: a.reshape((n_chunks, a.shape[0] // n_chunks) + a.shape[1:])
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays))
+    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attend(qr, kr, v, qd, kd, q_meta, k_meta, n_chunks):
+    return _attend_fwd(qr, kr, v, qd, kd, q_meta, k_meta, n_chunks)[0]
+
+
+def _attend_fwd(qr, kr, v, qd, kd, q_meta, k_meta, n_chunks):
+    fwd = lambda *a: _forward_chunk(*a[:5], a[5:7], a[7:10])
+    o, stats = _map_chunks(fwd, n_chunks, qr, kr, v, qd, kd, *q_meta, *k_meta)
+    return o, (qr, kr, v, qd, kd, q_meta, k_meta, o, stats)
+
+
+def _attend_bwd(n_chunks, res, do):
+    qr, kr, v, qd, kd, q_meta, k_meta, o, stats = res
+    bwd = lambda *a: _backward_chunk(*a[:5], a[5:7], a[7:10], *a[10:])
+    grads = _map_chunks(bwd, n_chunks, qr, kr, v, qd, kd, *q_meta, *k_meta, o, *stats, do)
+    return (*grads, None, None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def geometric_softmax(
+    q_rot_NxQx3, k_rot_NxKx3, value_NxKx3, q_dist_NxQx3, k_dist_NxKx3,
+    q_sequence_id_NxQ, k_sequence_id_NxK, q_chain_id_NxQ, k_chain_id_NxK, key_has_frame_NxK,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+):
+    """o (N, Q, 3) = softmax_k(<qr, kr> - |qd - kd| + bias) @ v, over N independent (batch, head) rows.
+
+    All vector inputs fp32 in the global frame, scales already folded in (module docstring).
+    """
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    n, q, k = q_rot_NxQx3.shape[0], q_rot_NxQx3.shape[1], k_rot_NxKx3.shape[1]
+    n_chunks = n // _chunk_size(n, q, k, chunk_bytes)
+    return _attend(
+        f32(q_rot_NxQx3), f32(k_rot_NxKx3), f32(value_NxKx3), f32(q_dist_NxQx3), f32(k_dist_NxKx3),
+        (q_sequence_id_NxQ, q_chain_id_NxQ), (k_sequence_id_NxK, k_chain_id_NxK, key_has_frame_NxK), n_chunks,
+    )
