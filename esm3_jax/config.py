@@ -36,6 +36,11 @@ class Config:
         for section in (self.model, self.data, self.train, self.mesh):
             if hasattr(section, "validate"):
                 section.validate()
+        if self.model.attention.startswith("splash") and self.data.max_length % 128:
+            raise ValueError(
+                f"model.attention={self.model.attention} needs data.max_length to be a multiple of 128 "
+                f"(the kernel's block), got {self.data.max_length}"
+            )
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

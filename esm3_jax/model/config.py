@@ -21,7 +21,10 @@ class ModelConfig:
     param_dtype: Literal["float32"] = "float32"
     scan_layers: bool = True  # nn.scan over the plain blocks: compile time independent of depth
     remat: Literal["none", "minimal", "full"] = "none"
-    attention: Literal["xla", "cudnn"] = "xla"
+    # xla: plain XLA (any backend); cudnn: cuDNN flash attention (GPUs); splash: the Pallas splash
+    # kernel (TPUs; lengths a multiple of 128); splash-interpret: that kernel through the Pallas
+    # interpreter, on any backend (slow: for testing the TPU path on a CPU).
+    attention: Literal["xla", "cudnn", "splash", "splash-interpret"] = "xla"
 
     @property
     def dtype(self):

@@ -6,6 +6,7 @@ parity tests in tests/test_model_parity.py build both with the same weights and 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -171,12 +172,14 @@ class Block(nn.Module):
     use_geom: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_BxLxL, cos, sin, geom=None):
+    def __call__(self, x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL=None, geom=None):
         cfg = self.config
         dt = cfg.dtype
         s = cfg.residual_scale
         x_BxLxD = constrain(x_BxLxD, (BATCH, LENGTH, EMBED))
-        a = MultiHeadAttention(cfg.d_model, cfg.n_heads, dt, cfg.attention, name="attn")(x_BxLxD, mask_BxLxL, cos, sin)
+        a = MultiHeadAttention(cfg.d_model, cfg.n_heads, dt, cfg.attention, name="attn")(
+            x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL
+        )
         x_BxLxD = x_BxLxD + a.astype(x_BxLxD.dtype) / s
         if self.use_geom:
             g = GeometricAttention(cfg.d_model, cfg.v_heads, mask_and_zero_frameless=True, name="geom_attn")(
@@ -193,11 +196,11 @@ class _ScanBody(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, mask_BxLxL, cos, sin):
+    def __call__(self, x, mask_BxLxL, cos, sin, segment_ids_BxL):
         block = Block
         if self.config.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
-        return block(self.config, name="block")(x, mask_BxLxL, cos, sin), None
+        return block(self.config, name="block")(x, mask_BxLxL, cos, sin, segment_ids_BxL), None
 
 
 class Trunk(nn.Module):
@@ -206,28 +209,32 @@ class Trunk(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_BxLxL, geom):
+    def __call__(self, x_BxLxD, mask_BxLxL, geom, segment_ids_BxL=None):
+        """mask: True where a query may see a key (None: everywhere); segment_ids: the same packing
+        as ids per position, for the attention kernels that take it that way (splash)."""
         cfg = self.config
         cos, sin = rotary_cos_sin(x_BxLxD.shape[1], cfg.d_head)
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=())
         for i in range(cfg.n_layers_geom):
-            x_BxLxD = block(cfg, use_geom=True, name=f"geom_block_{i}")(x_BxLxD, mask_BxLxL, cos, sin, geom)
+            x_BxLxD = block(cfg, use_geom=True, name=f"geom_block_{i}")(
+                x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL, geom
+            )
         n_plain = cfg.n_layers - cfg.n_layers_geom
         if n_plain and cfg.scan_layers:
             stack = nn.scan(
                 _ScanBody,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=n_plain,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxLxD, _ = stack(cfg, name="blocks")(x_BxLxD, mask_BxLxL, cos, sin)
+            x_BxLxD, _ = stack(cfg, name="blocks")(x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL)
         else:
             for i in range(n_plain):
-                x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, mask_BxLxL, cos, sin)
+                x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL)
         return x_BxLxD
 
 
@@ -277,7 +284,7 @@ class ESM3(nn.Module):
         mask_BxLxL = None if seq_id is None else seq_id[:, :, None] == seq_id[:, None, :]
         geom_seq_id = jnp.zeros_like(x["chain_id"]) if seq_id is None else seq_id
         geom = (rot, trans, frame_mask, geom_seq_id, x["chain_id"])
-        h_BxLxD = Trunk(cfg, name="trunk")(h_BxLxD, mask_BxLxL, geom)
+        h_BxLxD = Trunk(cfg, name="trunk")(h_BxLxD, mask_BxLxL, geom, seq_id)
 
         embeddings = h_BxLxD
         normed = LayerNorm(use_bias=False, dtype=cfg.dtype, name="final_norm")(h_BxLxD)
@@ -295,5 +302,6 @@ class ESM3(nn.Module):
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, length: int = 8) -> Any:
     """Boxed (logically partitioned) parameters of a fresh model, from a dummy sequence batch."""
     tokens = jnp.full((batch, length), T.SEQUENCE_MASK, jnp.int32)
+    config = dataclasses.replace(config, attention="xla")  # same parameters; any length works
     # Jitted: eager, op-by-op initialisation is orders of magnitude slower on the CPU.
     return jax.jit(lambda r: ESM3(config).init(r, sequence_tokens=tokens)["params"])(rng)

@@ -109,8 +109,15 @@ def dot_product_attention(
     v_BxLxHxK: jnp.ndarray,
     mask_BxLxL: jnp.ndarray | None,
     implementation: str = "xla",
+    segment_ids_BxL: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
-    """Softmax attention with scale 1/sqrt(K); `mask` True where a query may see a key."""
+    """Softmax attention with scale 1/sqrt(K); `mask` True where a query may see a key.
+
+    The splash kernels take the packing as `segment_ids` (a query sees the keys of its own
+    segment), the mask it stands for; the other implementations take the mask.
+    """
+    if implementation in ("splash", "splash-interpret"):
+        return _splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, implementation == "splash-interpret")
     if implementation == "cudnn":
         mask = None if mask_BxLxL is None else mask_BxLxL[:, None]
         return jax.nn.dot_product_attention(
@@ -156,6 +163,50 @@ def _xla_attention_bwd(res, do):
 _xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
+SPLASH_BLOCKS = (512, 256, 128)
+
+
+def _splash_attention(q, k, v, segment_ids_BxL, interpret: bool):
+    """The Pallas TPU splash-attention kernel, per device under shard_map.
+
+    A Pallas call is opaque to XLA's partitioner, so it runs on each device's shard: batch split
+    as the logical rules split it, heads as they split them, every row's full length (the kernel
+    reads whole rows). Outside a mesh it runs on the arrays as they are.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    from jax.sharding import PartitionSpec as P
+
+    B, L, H, K = q.shape
+    block = next((b for b in SPLASH_BLOCKS if L % b == 0), None)
+    if block is None:
+        raise ValueError(f"splash attention needs the sequence length to be a multiple of 128, got {L}")
+    sizes = sa.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
+        block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )
+    segments = jnp.zeros((B, L), jnp.int32) if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32)
+    scale = jnp.asarray(1.0 / math.sqrt(K), q.dtype)
+
+    def per_shard(q, k, v, segments):
+        kernel = sa.make_splash_mha(
+            sa.MultiHeadMask([sa.FullMask((L, L))] * q.shape[2]), head_shards=1, q_seq_shards=1,
+            block_sizes=sizes, interpret=interpret,
+        )
+        heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # (b, L, h, K) -> (b, h, L, K)
+        attend = lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(q=s, kv=s))
+        o = jax.vmap(attend)(heads_first(q * scale), heads_first(k), heads_first(v), segments)
+        return heads_first(o)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return per_shard(q, k, v, segments)
+    batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes((BATCH, LENGTH, "heads", "kv"))
+    spec = P(batch_axes, None, head_axes, None)
+    return jax.shard_map(
+        per_shard, in_specs=(spec, spec, spec, P(batch_axes, None)), out_specs=spec, check_vma=False,
+    )(q, k, v, segments)
+
+
 class MultiHeadAttention(nn.Module):
     """Pre-LN self-attention: LN -> QKV (no bias) -> QK-LayerNorm over the full width -> RoPE."""
 
@@ -165,7 +216,7 @@ class MultiHeadAttention(nn.Module):
     implementation: str = "xla"
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_BxLxL, cos, sin):
+    def __call__(self, x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL=None):
         H, K = self.n_heads, self.d_model // self.n_heads
         y = LayerNorm(dtype=self.dtype, name="norm")(x_BxLxD)
         w_qkv = param(self, "qkv", (self.d_model, 3, H, K), (EMBED, None, "heads", "kv"), fan_in_init())
@@ -177,7 +228,7 @@ class MultiHeadAttention(nn.Module):
         q = LayerNorm(("heads", "kv"), use_bias=False, dtype=self.dtype, name="q_norm")(q)
         k = LayerNorm(("heads", "kv"), use_bias=False, dtype=self.dtype, name="k_norm")(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = dot_product_attention(q, k, v, mask_BxLxL, self.implementation)
+        o = dot_product_attention(q, k, v, mask_BxLxL, self.implementation, segment_ids_BxL)
         w_out = param(self, "out", (H, K, self.d_model), ("heads", "kv", EMBED), fan_in_init(2))
         return dense(o, w_out.astype(self.dtype), n_in=2)
 
