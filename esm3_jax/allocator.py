@@ -8,8 +8,8 @@ spent zeroing pages). tcmalloc keeps freed memory for reuse. Its release rate is
 hand memory back: a training process wants its peak again next step) and its warnings about
 allocations over 1 GiB are silenced (model parameters are routinely larger).
 
-The allocator cannot be swapped in a running process, so the command re-executes itself once with
-LD_PRELOAD set. ESM3_JAX_ALLOCATOR=system turns this off. Debian/Ubuntu: `apt-get install
+The allocator cannot be swapped in a running process, so the command re-executes itself (the same
+command line) once with LD_PRELOAD set. ESM3_JAX_ALLOCATOR=system turns this off. Debian/Ubuntu: `apt-get install
 libtcmalloc-minimal4`; without it the command runs as before, only slower on the CPU.
 """
 
@@ -44,8 +44,8 @@ def active() -> str:
         return "system"
 
 
-def reexec_under_tcmalloc(argv: list[str]) -> None:
-    """Replace this process by `python -m esm3_jax.cli *argv` under tcmalloc, when that applies.
+def reexec_under_tcmalloc() -> None:
+    """Replace this process by the same command line under tcmalloc, when that applies.
 
     Returns (doing nothing) on non-Linux systems, when switched off, when tcmalloc is already
     loaded, or when no tcmalloc library is installed.
@@ -61,7 +61,6 @@ def reexec_under_tcmalloc(argv: list[str]) -> None:
     env["LD_PRELOAD"] = " ".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
     for key, value in _TCMALLOC_SETTINGS.items():
         env.setdefault(key, value)
-    env[_ENV_SWITCH] = "tcmalloc"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "esm3_jax.cli", *argv], env)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

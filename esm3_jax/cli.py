@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if as_program and not any(a in ("-h", "--help") for a in argv[1:]):
         from esm3_jax.allocator import reexec_under_tcmalloc
 
-        reexec_under_tcmalloc(argv)
+        reexec_under_tcmalloc()
     module = importlib.import_module(VERBS[verb][0])
     parser = argparse.ArgumentParser(prog=f"esm3-jax {verb}", description=VERBS[verb][1])
     module.add_cli_arguments(parser)
