@@ -140,8 +140,10 @@ def _xla_attention(q, k, v, mask_BxLxL):
 
 
 def _xla_attention_fwd(q, k, v, mask_BxLxL):
-    probs = _attention_probs(q, k, mask_BxLxL).astype(v.dtype)
-    o = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+    # The fp32 probabilities are kept for the softmax backward (as autodiff would keep them);
+    # only the matmuls see them in the compute dtype.
+    probs = _attention_probs(q, k, mask_BxLxL)
+    o = jnp.einsum("bhqs,bshk->bqhk", probs.astype(v.dtype), v)
     return o, (q, k, v, probs, o)
 
 
@@ -153,10 +155,10 @@ def _xla_attention_bwd(res, do):
     scale = 1.0 / math.sqrt(q.shape[-1])
     delta_BxHxL = jnp.einsum("bqhk,bqhk->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
     dp = jnp.einsum("bqhk,bshk->bhqs", do, v, preferred_element_type=jnp.float32)
-    ds = (probs.astype(jnp.float32) * (dp - delta_BxHxL[..., None])).astype(q.dtype)
+    ds = (probs * (dp - delta_BxHxL[..., None])).astype(q.dtype)
     dq = jnp.einsum("bhqs,bshk->bqhk", ds, k) * jnp.asarray(scale, q.dtype)
     dk = jnp.einsum("bhqs,bqhk->bshk", ds, q) * jnp.asarray(scale, q.dtype)
-    dv = jnp.einsum("bhqs,bqhk->bshk", probs, do)
+    dv = jnp.einsum("bhqs,bqhk->bshk", probs.astype(do.dtype), do)
     return dq, dk, dv, None
 
 
