@@ -164,6 +164,10 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(records, jax_cache, tmp_p
     assert ckpt_lib.params_fingerprint(info[4]["state"]["params"]) == ckpt_lib.params_fingerprint(
         info[2]["state"]["params"])
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(info[4]["state"]["params"]))
+    # Adam's step counter stopped at the 2 real updates; the learning-rate schedule's went on to 4.
+    counts = [int(np.asarray(x)) for path, x in jax.tree_util.tree_flatten_with_path(info[4]["state"]["opt_state"])[0]
+              if "count" in jax.tree_util.keystr(path)]
+    assert sorted(counts) == [2, 4], counts
 
 
 def _start(overrides, cache):

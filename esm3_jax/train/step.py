@@ -77,13 +77,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss_
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        # A non-finite step leaves parameters and optimizer state exactly as they were.
+        # A non-finite step leaves parameters and optimizer moments exactly as they were; the
+        # learning-rate schedule still advances, so that the run ends on its schedule.
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         nonfinite_in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
         new_state = TrainState(
             step=state.step + 1,
             params=keep(new_params, state.params),
-            opt_state=keep(new_opt_state, state.opt_state),
+            opt_state=_schedule_follows_step(keep(new_opt_state, state.opt_state), new_opt_state),
             rng=next_rng,
             nonfinite_in_a_row=nonfinite_in_a_row,
             nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
@@ -98,6 +99,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss_
         return new_state, metrics
 
     return train_step
+
+
+def _schedule_follows_step(kept, new):
+    """`kept` with every learning-rate schedule's counter taken from `new`."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    return jax.tree.map(lambda k, n: n if is_schedule(k) else k, kept, new, is_leaf=is_schedule)
 
 
 def jit_train_step(step_fn, state_shardings, batch_shardings, mesh: Mesh, rules):
