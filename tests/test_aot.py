@@ -121,7 +121,8 @@ def test_scanned_matmul_counted_once_per_iteration():
 
 
 def test_matmul_count_of_a_hand_written_module():
-    """Trip count from `i < N` with i's start and step in the loop, a fusion, and a dot written
+    """Trip count from `i < N` with i's start and step in the loop, a fusion, a kernel call (not
+    a matmul the count can see, so counted apart), and a dot written
     as a convolution (as libtpu does): a width-1 input padded to 3 under a reversed window of 2,
     so each of the 2 outputs reads one kernel position, i.e. (8 x 16) @ (16 x 2*4)."""
     from esm3_jax.train import aot
@@ -143,6 +144,7 @@ HloModule m
   %x = f32[8,1,16]{2,1,0} get-tuple-element(%p), index=1
   %w = f32[16,2,4]{2,1,0} get-tuple-element(%p), index=2
   %fusion.1 = f32[8,2,4]{2,1,0} fusion(%x, %w), kind=kOutput, calls=%fused
+  %kernel.1 = f32[8,1,16]{2,1,0} custom-call(%x), custom_call_target="tpu_custom_call"
   ROOT %t = (s32[], f32[8,1,16]{2,1,0}, f32[16,2,4]{2,1,0}) tuple(%next, %x, %w)
 }
 
@@ -168,6 +170,7 @@ ENTRY %main (a: f32[8,1,16], b: f32[16,2,4], c: f32[8,16], d: f32[16,32]) -> f32
     flops, unknown = aot.hlo_matmul_flops(text)
     assert unknown == []
     assert flops == 4 * per_iteration + 2 * 8 * 16 * 32  # i = 1, 3, 5, 7
+    assert aot.hlo_kernel_calls(text) == 4  # the kernel in the loop body, once per iteration
 
 
 def test_compile_time_oom_message_is_read():
