@@ -28,7 +28,7 @@ import numpy as np
 
 from esm3_jax.structure import residue_constants as rc
 
-AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # model.vqvae.AMINO_ACIDS; index 20 = unknown
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # the VQ-VAE's amino-acid indices (model.vqvae); 20 = unknown
 N_RESTYPES = len(AMINO_ACIDS) + 1
 UNKNOWN_RESTYPE = len(AMINO_ACIDS)
 NUM_ATOM14 = 14
