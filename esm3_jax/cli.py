@@ -22,7 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "aot": ("esm3_jax.train.aot", "compile the train step for a TPU topology without a TPU: memory, FLOPs, fits"),
     "bench": ("esm3_jax.bench", "measure speed side by side with the reference and the matmul peak"),
     "tokenize-structure": ("esm3_jax.tokenize_structure", "PDB/mmCIF chains -> VQ-VAE structure tokens (.npz, one array per chain)"),
-    "decode-structure": ("esm3_jax.decode_structure", "structure tokens (.npz) -> backbone PDBs with pLDDT, and pTM"),
+    "decode-structure": ("esm3_jax.decode_structure", "structure tokens (.npz) -> backbone or all-atom PDBs with pLDDT, and pTM"),
     "train-vqvae": ("esm3_jax.train.vqvae", "train the VQ-VAE structure tokenizer from a configs/vqvae_*.yaml"),
 }
 

@@ -1,5 +1,5 @@
 """Structure tokenizer API: load an encoder or decoder checkpoint, turn chains into tokens and
-tokens into backbones; plus the converters between the official PyTorch state dicts
+tokens into backbones (all heavy atoms for an all-atom decoder); plus the converters between the official PyTorch state dicts
 (`esm3_structure_encoder_v0.pth`, `esm3_structure_decoder_v0.pth`) and esm3-jax checkpoints.
 
 Checkpoint kinds (params_io): "structure-encoder" stores {"params", "codebook"} (the codebook is
@@ -300,7 +300,8 @@ class StructureTokenizer:
 
     def decode(self, tokens_L: np.ndarray, sequence: str | None = None) -> dict[str, Any]:
         """backbone (L, 3, 3), plddt (L,) in [0, 1], pae (L, L) in Å, ptm: from per-residue codes
-        (-1 = unknown, decoded as MASK)."""
+        (-1 = unknown, decoded as MASK); an all-atom decoder adds atom37 (L, 37, 3), NaN in the
+        slots the residue type lacks."""
         if self.decoder_config is None:
             raise ValueError("no decoder loaded")
         framed = T.encode_structure_tokens(tokens_L)  # validates the ids; adds BOS/EOS
@@ -315,20 +316,26 @@ class StructureTokenizer:
             seq = np.full((1, P), 20, np.int32)
             seq[0, 1 : L + 1] = aa_indices(sequence)
         out = self._decode_fn(self.decoder_variables, toks, seq)
-        return {
+        result = {
             "backbone": np.asarray(out["backbone"])[0, 1 : L + 1],
             "plddt": np.asarray(out["plddt"])[0, 1 : L + 1],
             "pae": np.asarray(out["pae"])[0, 1 : L + 1, 1 : L + 1],
             "ptm": float(np.asarray(out["ptm"])[0]),
         }
+        if self.decoder_config.all_atom:
+            mask = np.asarray(out["atom37_mask"])[0, 1 : L + 1]
+            result["atom37"] = np.where(mask[..., None], np.asarray(out["atom37"])[0, 1 : L + 1], np.nan).astype(np.float32)
+        return result
 
 
-def tokenize_files(encoder_dir: str | Path, files: list[str | Path]) -> dict[str, np.ndarray]:
-    """{'<file name>/<chain id>': (L,) codes} for every protein chain of every file."""
+def tokenize_files(encoder_dir: str | Path, files: list[str | Path]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """({'<file name>/<chain id>': (L,) codes}, {same key: one-letter sequence}) for every
+    protein chain of every file. Sequence-conditioned decoders need the sequences back."""
     from esm3_jax.structure.io import load_structure
 
     tok = StructureTokenizer.load(encoder_dir=encoder_dir)
     out: dict[str, np.ndarray] = {}
+    sequences: dict[str, str] = {}
     for f in files:
         for chain in load_structure(f):  # StructureError names the file and chain
             key = f"{Path(f).name}/{chain.chain_id}"
@@ -338,11 +345,41 @@ def tokenize_files(encoder_dir: str | Path, files: list[str | Path]) -> dict[str
                 out[key] = tok.tokenize(chain.backbone, chain.residue_index)
             except ValueError as e:
                 raise ValueError(f"{f} chain {chain.chain_id!r}: {e}") from e
+            sequences[key] = chain.sequence
+    return out, sequences
+
+
+def write_fasta(path: str | Path, sequences: dict[str, str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f">{key}\n{seq}\n" for key, seq in sequences.items()))
+    return path
+
+
+def read_fasta(path: str | Path) -> dict[str, str]:
+    """{header: sequence}; a repeated header or text before the first one is an error."""
+    from esm3_jax.data.sources import iter_fasta
+
+    out: dict[str, str] = {}
+    for entry in iter_fasta(path):
+        header, seq = entry.data
+        if header is None:
+            raise ValueError(f"{entry.location}: text before the first '>' header")
+        if header in out:
+            raise ValueError(f"{entry.location}: header '{header}' appears twice")
+        out[header] = seq
     return out
 
 
-def decode_token_file(decoder_dir: str | Path, tokens_npz: str | Path, out_dir: str | Path) -> dict[str, float]:
-    """Write one PDB per key of the .npz (pLDDT x 100 in the B-factors); returns {key: pTM}."""
+def decode_token_file(
+    decoder_dir: str | Path, tokens_npz: str | Path, out_dir: str | Path, sequences: dict[str, str] | None = None
+) -> dict[str, float]:
+    """Write one PDB per key of the .npz (pLDDT x 100 in the B-factors); returns {key: pTM}.
+
+    A sequence-conditioned decoder needs `sequences` ({npz key: one-letter sequence}); an
+    all-atom decoder writes every heavy atom it builds, a backbone-only one N, CA, C and the
+    geometrically placed O.
+    """
     from esm3_jax.structure import geometry
     from esm3_jax.structure.io import ProteinChain, write_structure
 
@@ -350,6 +387,9 @@ def decode_token_file(decoder_dir: str | Path, tokens_npz: str | Path, out_dir: 
     if not tokens_npz.is_file():
         raise FileNotFoundError(f"{tokens_npz}: no such file")
     tok = StructureTokenizer.load(decoder_dir=decoder_dir)
+    if tok.decoder_config.sequence_conditioning and sequences is None:
+        raise ValueError(f"{decoder_dir}: this decoder is sequence-conditioned: give the chains' sequences "
+                         "(a FASTA keyed like the .npz, as `tokenize-structure --fasta` writes)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ptms = {}
@@ -358,13 +398,22 @@ def decode_token_file(decoder_dir: str | Path, tokens_npz: str | Path, out_dir: 
             codes = npz[key]
             if codes.ndim != 1 or codes.dtype.kind not in "iu":
                 raise ValueError(f"{tokens_npz}: '{key}' must be a 1-D integer array, got {codes.dtype} {codes.shape}")
+            sequence = None
+            if tok.decoder_config.sequence_conditioning:
+                if key not in sequences:
+                    raise ValueError(f"{tokens_npz}: no sequence given for '{key}'")
+                sequence = sequences[key]
             try:
-                dec = tok.decode(codes)
+                dec = tok.decode(codes, sequence=sequence)
             except ValueError as e:
                 raise ValueError(f"{tokens_npz}: '{key}': {e}") from e
             chain_id = key.rsplit("/", 1)[-1] or "A"
-            chain = ProteinChain.from_coords("X" * len(codes), dec["backbone"], chain_id=chain_id, b_factor=100.0 * dec["plddt"])
-            chain = dataclasses.replace(chain, coords=geometry.with_oxygen(chain.coords))
+            names = sequence or "X" * len(codes)
+            if "atom37" in dec:
+                chain = ProteinChain.from_coords(names, dec["atom37"], chain_id=chain_id, b_factor=100.0 * dec["plddt"])
+            else:
+                chain = ProteinChain.from_coords(names, dec["backbone"], chain_id=chain_id, b_factor=100.0 * dec["plddt"])
+                chain = dataclasses.replace(chain, coords=geometry.with_oxygen(chain.coords))
             write_structure(out_dir / (key.replace("/", "_") + ".pdb"), chain)
             ptms[key] = dec["ptm"]
     return ptms

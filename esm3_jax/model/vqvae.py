@@ -9,8 +9,10 @@ row 0 is read; here the last block computes row 0 alone (same result, far less w
 
 Decoder: a plain transformer over the tokens (BOS/EOS included) with a frame head (backbone
 atoms), a pairwise head (distogram, binned directions, pAE -> pTM) and a pLDDT head. With
-`sequence_conditioning` it adds amino-acid embeddings (stage 2 of the paper's recipe), and with
-`inverse_folding_head` it predicts the amino acids (a stage-1 training signal).
+`sequence_conditioning` it adds amino-acid embeddings (stage 2 of the paper's recipe), with
+`all_atom` it also builds every heavy atom from the frames and the frame head's torsion angles
+(structure/all_atom.py), and with `inverse_folding_head` it predicts the amino acids (a stage-1
+training signal).
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ from esm3_jax.model.structure_heads import (
     predicted_aligned_error,
     predicted_tm,
 )
+from esm3_jax.structure.all_atom import atom14_from_frames, atom14_to_atom37
+from esm3_jax.structure.rigid_groups import AMINO_ACIDS
 
 # Pairs ranked by sequence separation instead of space (either residue has no coordinates) sit
 # behind every real distance: 1e6 + 100 |i - j|, as the reference.
 _NO_COORDS_DISTANCE = 1e6
-N_AMINO_ACIDS = 20
-AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+N_AMINO_ACIDS = len(AMINO_ACIDS)  # 20; index 20 = unknown
 
 
 def aa_indices(sequence: str):
@@ -87,6 +90,9 @@ class DecoderConfig:
     n_layers: int = 30
     sequence_conditioning: bool = False  # stage 2: add amino-acid embeddings to the tokens'
     inverse_folding_head: bool = False  # stage 1: predict the amino acids from the tokens
+    # Stage 2: also return every heavy atom (atom14 and atom37), built from the frames and the
+    # frame head's 7 torsions for the given sequence. Needs sequence_conditioning.
+    all_atom: bool = False
     scan_layers: bool = True
     remat: str = "none"
 
@@ -99,6 +105,8 @@ class DecoderConfig:
     def validate(self) -> None:
         if self.remat not in ("none", "minimal", "full"):
             raise ValueError(f"decoder.remat must be none, minimal or full, got {self.remat!r}")
+        if self.all_atom and not self.sequence_conditioning:
+            raise ValueError("decoder.all_atom builds side chains for a given sequence: it needs decoder.sequence_conditioning")
         self.trunk_config().validate()
 
 
@@ -283,6 +291,12 @@ class StructureDecoder(nn.Module):
             "direction_logits": pair_logits[..., n_dist:n_dist + n_dir],
             "pae_logits": pae_logits,
         }
+        if cfg.all_atom:
+            # BOS/EOS/PAD read as unknown residues (index 20): backbone atoms only.
+            aatype = jnp.asarray(sequence_BxL, jnp.int32)
+            atom14, atom14_mask = atom14_from_frames(frames["rot"], frames["trans"], aatype, frames["torsions"])
+            atom37, atom37_mask = atom14_to_atom37(atom14, aatype)
+            out.update(atom14=atom14, atom14_mask=atom14_mask, atom37=atom37, atom37_mask=atom37_mask)
         if cfg.inverse_folding_head:
             out["sequence_logits"] = RegressionHead(cfg.d_model, N_AMINO_ACIDS, out_axis=None, name="sequence_head")(h)
         return out

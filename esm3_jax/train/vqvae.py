@@ -46,6 +46,7 @@ from esm3_jax.model.vqvae import (
 )
 from esm3_jax.params_io import save_params
 from esm3_jax.structure import geometry
+from esm3_jax.structure.all_atom import atom37_to_atom14, choose_symmetric_naming, torsion_angles
 from esm3_jax.structure.io import load_structure
 from esm3_jax.train import vqvae_loss as VL
 from esm3_jax.train.checkpoint import Checkpointer
@@ -68,6 +69,12 @@ class LossWeights:
     commitment: float = 1.0  # on top of the codebook's own 0.25
     plddt: float = 0.0  # stage 2
     pae: float = 0.0  # stage 2
+    # Stage 2 with an all-atom decoder (decoder.all_atom): the distance and direction losses over
+    # atom14, the torsion-angle loss and its unit-norm penalty (AlphaFold 2 weighs that 0.02).
+    all_atom_distance: float = 0.0
+    all_atom_direction: float = 0.0
+    torsion: float = 0.0
+    torsion_norm: float = 0.0
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -102,6 +109,11 @@ class VQVAETrainSettings:
     loss_weights: LossWeights = dataclasses.field(default_factory=LossWeights)
     distance_clamp: float = VL.DISTANCE_CLAMP  # Å^2, on the backbone distance loss's squared errors
     direction_clamp: float = VL.DIRECTION_CLAMP
+    # Stage 2 sub-stages 2B/2C (ESM3_SPEC 5.4): an esm3-jax ESM3 checkpoint whose structure
+    # predictions from the sequence alone replace the encoder's tokens in a random fraction of
+    # the samples, so that the decoder and its confidence heads see ESM3's outputs.
+    esm3_checkpoint: str = ""
+    esm3_token_probability: float = 0.5
 
     def validate(self) -> None:
         if self.distance_clamp <= 0 or self.direction_clamp <= 0:
@@ -110,6 +122,10 @@ class VQVAETrainSettings:
             raise ValueError(f"train.stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and not self.encoder_checkpoint:
             raise ValueError("train.stage 2 trains a decoder for a frozen encoder: set train.encoder_checkpoint")
+        if self.esm3_checkpoint and self.stage != 2:
+            raise ValueError("train.esm3_checkpoint (ESM3-predicted tokens) is a stage-2 option")
+        if not 0.0 <= self.esm3_token_probability <= 1.0:
+            raise ValueError(f"train.esm3_token_probability must be in [0, 1], got {self.esm3_token_probability}")
         for name in ("crop_length", "batch_size", "steps", "log_every", "checkpoint_every", "eval_max_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -152,10 +168,12 @@ class Chain:
     backbone: np.ndarray  # (L, 3, 3) N, CA, C; NaN where missing
     residue_index: np.ndarray  # (L,)
     aa: np.ndarray  # (L,) indices into AMINO_ACIDS, 20 = other
+    atom37: np.ndarray | None = None  # (L, 37, 3), NaN where missing; kept for all-atom decoders
 
 
-def load_split(data_dir: Path, split: str, max_chains: int = 0) -> list[Chain]:
-    """The chains of one split of index.jsonl (each file parsed once)."""
+def load_split(data_dir: Path, split: str, max_chains: int = 0, all_atom: bool = False) -> list[Chain]:
+    """The chains of one split of index.jsonl (each file parsed once); with all_atom, every
+    heavy atom too (atom37), not only the backbone."""
     index = data_dir / "index.jsonl"
     if not index.is_file():
         raise FileNotFoundError(f"{index}: no structure index (set train.data_dir)")
@@ -171,7 +189,8 @@ def load_split(data_dir: Path, split: str, max_chains: int = 0) -> list[Chain]:
         found = {c.chain_id: c for c in load_structure(data_dir / file)}
         for chain_id in wanted:
             c = found[chain_id]
-            chains.append(Chain(f"{file}/{chain_id}", np.array(c.backbone), np.array(c.residue_index), aa_indices(c.sequence)))
+            chains.append(Chain(f"{file}/{chain_id}", np.array(c.backbone), np.array(c.residue_index), aa_indices(c.sequence),
+                                np.array(c.coords) if all_atom else None))
     if not chains:
         raise ValueError(f"{index}: no chains in split '{split}'")
     return chains
@@ -186,8 +205,12 @@ def pad_chains(chains: list[Chain], length: int) -> dict[str, np.ndarray]:
         "aa": np.full((B, length), N_AMINO_ACIDS, np.int32),
         "valid": np.zeros((B, length), bool),
     }
+    if chains[0].atom37 is not None:
+        batch["atom37"] = np.full((B, length, 37, 3), np.nan, np.float32)
     for b, c in enumerate(chains):
         n = len(c.aa)
+        if c.atom37 is not None:
+            batch["atom37"][b, :n] = c.atom37
         batch["coords"][b, :n] = c.backbone
         batch["residue_index"][b, :n] = c.residue_index
         batch["aa"][b, :n] = c.aa
@@ -200,7 +223,8 @@ def crop(chain: Chain, length: int, rng: np.random.Generator) -> Chain:
     if n <= length:
         return chain
     s = int(rng.integers(0, n - length + 1))
-    return Chain(chain.name, chain.backbone[s:s + length], chain.residue_index[s:s + length], chain.aa[s:s + length])
+    atom37 = None if chain.atom37 is None else chain.atom37[s:s + length]
+    return Chain(chain.name, chain.backbone[s:s + length], chain.residue_index[s:s + length], chain.aa[s:s + length], atom37)
 
 
 def batches(chains: list[Chain], batch_size: int, length: int, seed: int, start_step: int = 0) -> Iterator[dict]:
@@ -296,7 +320,31 @@ def structure_losses(out: dict, batch: dict, t: VQVAETrainSettings) -> dict[str,
         losses["plddt"] = VL.plddt_loss(out["plddt_logits"], pred, true, mask)
     if weights.pae:
         losses["pae"] = VL.pae_loss(out["pae_logits"], out["rot"], out["trans"], true, mask)
+    if "atom14" in out:
+        losses.update(all_atom_losses(out, batch, t))
     losses["total"] = sum(getattr(weights, k) * v for k, v in losses.items())
+    return losses
+
+
+def all_atom_losses(out: dict, batch: dict, t: VQVAETrainSettings) -> dict[str, jnp.ndarray]:
+    """Stage-2 losses of an all-atom decoder against the batch's atom37, each when its weight is on.
+
+    Symmetric side chains (ASP, GLU, PHE, TYR) are compared under the naming closest to the
+    prediction, and the torsion loss takes the closer of a pi-periodic chi's two angles.
+    """
+    w, aa, has = t.loss_weights, batch["aa"], batch["has_structure"]
+    losses = {}
+    if w.all_atom_distance or w.all_atom_direction:
+        true14, mask14 = atom37_to_atom14(batch["atom37"], aa)
+        true14, mask14 = choose_symmetric_naming(out["atom14"], true14, mask14 & has[..., None], aa)
+        if w.all_atom_distance:
+            losses["all_atom_distance"] = VL.all_atom_distance_loss(out["atom14"], true14, mask14, t.distance_clamp)
+        if w.all_atom_direction:
+            losses["all_atom_direction"] = VL.all_atom_direction_loss(out["atom14"], true14, mask14, aa, t.direction_clamp)
+    if w.torsion or w.torsion_norm:
+        tors = torsion_angles(batch["atom37"], aa)
+        losses["torsion"], losses["torsion_norm"] = VL.torsion_loss(
+            out["torsions"], tors["sin_cos"], tors["alt_sin_cos"], tors["mask"] & has[..., None], has)
     return losses
 
 
@@ -382,34 +430,81 @@ def _stage1(cfg: VQVAEConfig) -> Stage1:
     return Stage1(cfg)
 
 
+# ESM3 sequence-track ids of AMINO_ACIDS, then X for unknown residues (index 20).
+_ESM3_SEQUENCE_IDS = np.array([T.SEQUENCE_VOCAB.index(a) for a in AMINO_ACIDS + "X"], np.int32)
+
+
+def esm3_structure_tokens(model: nn.Module, params, tokens_BxL, aa_BxL, n_codes: int) -> jnp.ndarray:
+    """The structure tokens ESM3 predicts from the sequence alone: (B, L) codes in [0, n_codes).
+
+    tokens_BxL are framed decoder inputs (BOS, ..., EOS, PAD), whose framing the sequence track
+    copies; aa_BxL are AMINO_ACIDS indices at the same positions. The structure track is all
+    MASK and no coordinates are given; each position takes the argmax of the structure logits
+    over the codebook's codes (a small codebook uses only the first n_codes of ESM3's 4096).
+    Padding is a sequence of its own, so a chain's prediction is independent of its batch.
+    """
+    seq = jnp.asarray(_ESM3_SEQUENCE_IDS)[aa_BxL]
+    for struct_id, seq_id in ((T.STRUCTURE_BOS, T.SEQUENCE_BOS), (T.STRUCTURE_EOS, T.SEQUENCE_EOS),
+                              (T.STRUCTURE_PAD, T.SEQUENCE_PAD)):
+        seq = jnp.where(tokens_BxL == struct_id, seq_id, seq)
+    sequence_id = (tokens_BxL == T.STRUCTURE_PAD).astype(jnp.int32)
+    out = model.apply({"params": params}, sequence_tokens=seq, sequence_id=sequence_id)
+    return jax.lax.stop_gradient(jnp.argmax(out["structure_logits"][..., :n_codes], axis=-1).astype(jnp.int32))
+
+
 class Stage2:
     """Stage 2: a frozen encoder (train.encoder_checkpoint) makes the tokens; a fresh decoder,
-    optionally sequence-conditioned, learns to decode them (confidence losses by their weights)."""
+    optionally sequence-conditioned and all-atom, learns to decode them (losses by their
+    weights). With train.esm3_checkpoint, each sample's tokens are, with probability
+    train.esm3_token_probability, ESM3's prediction from its sequence instead (sub-stages 2B/2C)."""
 
     def __init__(self, cfg: VQVAEConfig):
         from esm3_jax.structure_tokenizer import load_encoder
 
         self.cfg = cfg
         self.encoder_config, encoder_variables = load_encoder(cfg.train.encoder_checkpoint)
-        self.encoder_variables = jax.device_put(encoder_variables)
         self.decoder = StructureDecoder(dataclasses.replace(cfg.decoder, inverse_folding_head=cfg.train.loss_weights.inverse_folding > 0))
+        self.esm3, esm3_params = None, None
+        if cfg.train.esm3_checkpoint:
+            from esm3_jax.inference import load_esm3
+            from esm3_jax.model.esm3 import ESM3
+
+            esm3_config, esm3_params = load_esm3(cfg.train.esm3_checkpoint)
+            self.esm3 = ESM3(esm3_config)
+        # The frozen models' weights are arguments of the compiled functions, not constants
+        # folded into them (ESM3 alone may be billions of parameters).
+        self.frozen = jax.device_put({"encoder": encoder_variables, "esm3": esm3_params})
         self.tx = _optimizer(cfg.train)
         step = jax.jit(self._step, donate_argnums=(0,))
-        self.step_fns = {True: step, False: step}
+        self.step_fns = {q: (lambda state, batch: step(state, batch, self.frozen)) for q in (True, False)}
+        inputs = jax.jit(self._decoder_inputs)
+        self.decoder_inputs = lambda batch, key: inputs(self.frozen, batch, key)
 
-    def _framed(self, batch):
+    def _decoder_inputs(self, frozen, batch, key):
+        """(framed tokens, framed amino acids, per-sample flag of ESM3-predicted tokens or None).
+
+        Residues without structure stay MASK either way. No gradient reaches the encoder or ESM3.
+        """
         enc = StructureEncoder(self.encoder_config).apply(
-            self.encoder_variables, batch["coords"], batch["residue_index"], None, batch["valid"], method=StructureEncoder.encode)
-        return frame_tokens(enc["tokens"], enc["mask"], batch["valid"]), _frame_rows(batch["aa"], N_AMINO_ACIDS)
+            frozen["encoder"], batch["coords"], batch["residue_index"], None, batch["valid"], method=StructureEncoder.encode)
+        tokens = frame_tokens(enc["tokens"], enc["mask"], batch["valid"])
+        aa = _frame_rows(batch["aa"], N_AMINO_ACIDS)
+        if self.esm3 is None:
+            return tokens, aa, None
+        predicted = esm3_structure_tokens(self.esm3, frozen["esm3"], tokens, aa, self.encoder_config.n_codes)
+        use_B = jax.random.bernoulli(key, self.cfg.train.esm3_token_probability, (tokens.shape[0],))
+        is_code = tokens < T.STRUCTURE_CODEBOOK_SIZE
+        return jnp.where(use_B[:, None] & is_code, predicted, tokens), aa, use_B
 
     def init(self, batch: dict, rng: jax.Array) -> dict:
-        tokens, aa = jax.jit(self._framed)(batch)
+        tokens, aa, _ = self.decoder_inputs(batch, rng)
         params = nn.unbox(jax.jit(lambda k, t, a: self.decoder.init(k, t, sequence_BxL=a))(rng, tokens, aa))["params"]
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
                 "rng": jax.random.fold_in(rng, 1)}
 
-    def _step(self, state: dict, batch: dict):
-        tokens, aa = self._framed(batch)  # no gradient reaches the frozen encoder
+    def _step(self, state: dict, batch: dict, frozen: dict):
+        # The augmentation draw depends only on (seed, step): reruns and resumed runs agree.
+        tokens, aa, from_esm3 = self._decoder_inputs(frozen, batch, jax.random.fold_in(state["rng"], state["step"]))
 
         def loss_fn(params):
             out = self.decoder.apply({"params": params}, tokens, sequence_BxL=aa)
@@ -419,10 +514,13 @@ class Stage2:
         (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         new = state | {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
-        return new, {**losses, "grad_norm": optax.global_norm(grads)}
+        metrics = {**losses, "grad_norm": optax.global_norm(grads)}
+        if from_esm3 is not None:
+            metrics["esm3_token_fraction"] = jnp.mean(from_esm3.astype(jnp.float32))
+        return new, metrics
 
     def export(self, state: dict, out_dir: Path) -> tuple[Path, Path]:
-        enc_dir = save_params(out_dir / "encoder", jax.device_get(self.encoder_variables), to_dict(self.encoder_config),
+        enc_dir = save_params(out_dir / "encoder", jax.device_get(self.frozen["encoder"]), to_dict(self.encoder_config),
                               "structure-encoder")
         dec_dir = save_params(out_dir / "decoder", {"params": jax.device_get(state["params"])},
                               to_dict(self.decoder.config), "structure-decoder")
@@ -433,15 +531,19 @@ class Stage2:
 
 
 def evaluate(encoder_dir: Path, decoder_dir: Path, chains: list[Chain], max_length: int) -> dict[str, Any]:
-    """Round trip through the exported checkpoints (tokens only): RMSD, LDDT-CA, codebook usage."""
+    """Round trip through the exported checkpoints (tokens only): RMSD, LDDT-CA, codebook usage;
+    for an all-atom decoder also the means of geometry.all_atom_comparison's heavy-atom metrics."""
     from esm3_jax.structure_tokenizer import StructureTokenizer
 
     tok = StructureTokenizer.load(encoder_dir, decoder_dir)
-    rmsds, lddts, used = [], [], []
+    rmsds, lddts, used, all_atom = [], [], [], []
     for c in chains:
         c = crop(c, max_length, np.random.default_rng(0))
         tokens = tok.tokenize(c.backbone, c.residue_index)
-        dec = tok.decode(tokens, sequence="".join(AMINO_ACIDS[i] if i < N_AMINO_ACIDS else "X" for i in c.aa))
+        sequence = "".join(AMINO_ACIDS[i] if i < N_AMINO_ACIDS else "X" for i in c.aa)
+        dec = tok.decode(tokens, sequence=sequence)
+        if "atom37" in dec and c.atom37 is not None:
+            all_atom.append(geometry.all_atom_comparison(dec["atom37"], c.atom37, sequence))
         has = np.isfinite(c.backbone).all((-1, -2))
         rmsds.append(geometry.rmsd(dec["backbone"][has], c.backbone[has]))
         lddts.append(geometry.lddt_ca(dec["backbone"][:, 1][has], c.backbone[:, 1][has]))
@@ -449,6 +551,7 @@ def evaluate(encoder_dir: Path, decoder_dir: Path, chains: list[Chain], max_leng
     all_codes = np.concatenate(used)
     counts = np.bincount(all_codes, minlength=tok.encoder_config.n_codes)
     p = counts[counts > 0] / counts.sum()
+    heavy_atoms = {f"{k}_mean": float(np.nanmean([m[k] for m in all_atom])) for k in (all_atom[0] if all_atom else ())}
     return {
         "chains": len(chains),
         "backbone_rmsd_mean": float(np.mean(rmsds)),
@@ -457,7 +560,7 @@ def evaluate(encoder_dir: Path, decoder_dir: Path, chains: list[Chain], max_leng
         "codes_used": int((counts > 0).sum()),
         "codebook_usage": float((counts > 0).mean()),
         "codebook_perplexity": float(np.exp(-(p * np.log(p)).sum())),
-    }
+    } | heavy_atoms
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -468,8 +571,9 @@ def train(cfg: VQVAEConfig, progress: bool = True) -> dict[str, Any]:
     data_dir = Path(t.data_dir) if t.data_dir else DEFAULT_DATA
     out_dir = Path(t.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_chains = load_split(data_dir, "train", t.max_train_chains)
-    valid_chains = load_split(data_dir, "valid", t.max_valid_chains)
+    all_atom = cfg.decoder.all_atom
+    train_chains = load_split(data_dir, "train", t.max_train_chains, all_atom)
+    valid_chains = load_split(data_dir, "valid", t.max_valid_chains, all_atom)
 
     trainer = _stage1(cfg) if t.stage == 1 else Stage2(cfg)
     ckpt = Checkpointer(out_dir / "checkpoints", keep=2, async_save=False)

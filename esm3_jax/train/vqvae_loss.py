@@ -4,8 +4,8 @@
 Stage 1: backbone distance and direction losses (clamped squared errors), binned distance and
 direction classification, inverse folding, plus the codebook's commitment loss.
 Stage 2 adds the confidence heads' losses: binned per-residue LDDT-CA (pLDDT) and binned aligned
-error (pAE). The all-atom losses need the side-chain builder from torsions, which this port does
-not have yet.
+error (pAE); and for all-atom decoders the distance and direction losses over atom14 (every heavy
+atom) and AlphaFold 2's torsion-angle loss.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from esm3_jax.model.frames import gram_schmidt
 from esm3_jax.model.structure_heads import MAX_PAE_BIN, N_DIRECTION_BINS, N_DISTOGRAM_BINS, N_PLDDT_BINS
+from esm3_jax.structure.all_atom import bond_vectors, normalize_torsions
 
 # Squared-error clamps. The paper gives no values; (5 Å)^2 is a recollection (ESM3_SPEC 5.4). A
 # clamped pair has no gradient, so while most pairs are off by more than the clamp (early
@@ -148,3 +149,85 @@ def pae_loss(logits_BxLxLx64, pred_rot, pred_trans, true_BxLx3x3, mask_BxL):
     sq_edges = jnp.linspace(0.0, MAX_PAE_BIN, logits_BxLxLx64.shape[-1] - 1) ** 2
     target = jnp.sum(sq[..., None] > sq_edges, axis=-1)
     return masked_mean(_cross_entropy(logits_BxLxLx64, target), mask_BxL[:, :, None] & mask_BxL[:, None, :])
+
+
+# --- stage 2, all-atom ----------------------------------------------------------------------------
+
+# All-pairs losses over atom14 hold (14 L)^2 values per chain (51M at L = 512): they are summed
+# over blocks of this many rows, each recomputed in the backward pass, so memory grows with
+# PAIR_BLOCK * 14 L instead.
+PAIR_BLOCK = 1024
+
+
+def _blockwise_clamped_pair_error(pred_BxNx3, true_BxNx3, mask_BxN, pair_fn, clamp: float, block: int = PAIR_BLOCK):
+    """Masked mean over all point pairs (i, j) of min((f(p_i, p_j) - f(t_i, t_j))^2, clamp)."""
+    B, N, _ = pred_BxNx3.shape
+    n_blocks = -(-N // block)
+    pad = n_blocks * block - N
+    rows = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(B, n_blocks, block, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_block(args):
+        p_i, t_i, m_i = args
+        err = jnp.minimum((pair_fn(p_i, pred_BxNx3) - pair_fn(t_i, true_BxNx3)) ** 2, clamp)
+        w = m_i[:, :, None] & mask_BxN[:, None, :]
+        return jnp.sum(jnp.where(w, err, 0.0)), jnp.sum(w.astype(jnp.float32))
+
+    sums, counts = jax.lax.map(one_block, (rows(pred_BxNx3), rows(true_BxNx3), rows(mask_BxN)))
+    return jnp.sum(sums) / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def _pair_distance(a_BxIx3, b_BxJx3):
+    return jnp.sqrt(jnp.sum((a_BxIx3[:, :, None] - b_BxJx3[:, None, :]) ** 2, -1) + 1e-8)
+
+
+def _pair_dot(a_BxIx3, b_BxJx3):
+    return jnp.einsum("bic,bjc->bij", a_BxIx3, b_BxJx3)
+
+
+def all_atom_distance_loss(pred_BxLx14x3, true_BxLx14x3, mask_BxLx14, clamp: float = DISTANCE_CLAMP):
+    """The backbone distance loss over every heavy atom: clamped squared error between the
+    all-pairs distance matrices of the 14L atom14 slots, over pairs of atoms present in the truth."""
+    B = pred_BxLx14x3.shape[0]
+    flat = lambda x: x.reshape(B, -1, 3)
+    true = jnp.where(mask_BxLx14[..., None], true_BxLx14x3, 0.0)
+    return _blockwise_clamped_pair_error(flat(pred_BxLx14x3), flat(true), mask_BxLx14.reshape(B, -1), _pair_distance, clamp)
+
+
+def atom14_vectors(x_BxLx14x3, mask_BxLx14, aatype_BxL):
+    """The 6 backbone vectors of `backbone_vectors` plus one bond vector per further heavy atom
+    (O, CB, the side chain: atom minus its covalent parent): (B, L, 17, 3) and validity (B, L, 17)."""
+    bb_mask = jnp.all(mask_BxLx14[..., :3], -1)
+    bb, bb_ok = backbone_vectors(x_BxLx14x3[..., :3, :], bb_mask)
+    bonds, bond_ok = bond_vectors(x_BxLx14x3, mask_BxLx14, aatype_BxL)
+    vecs = jnp.concatenate([bb, bonds[..., 3:, :]], axis=-2)
+    ok = jnp.concatenate([jnp.broadcast_to(bb_ok[..., None], bb.shape[:-1]), bond_ok[..., 3:]], axis=-1)
+    return vecs, ok
+
+
+def all_atom_direction_loss(pred_BxLx14x3, true_BxLx14x3, mask_BxLx14, aatype_BxL, clamp: float = DIRECTION_CLAMP):
+    """The backbone direction loss over every heavy atom: clamped squared error between the Gram
+    matrices of all residues' backbone and bond vectors (`atom14_vectors`). Validity comes from the
+    truth's atoms; the prediction has every atom its residue type has."""
+    B = pred_BxLx14x3.shape[0]
+    true = jnp.where(mask_BxLx14[..., None], true_BxLx14x3, 0.0)
+    vt, ok = atom14_vectors(true, mask_BxLx14, aatype_BxL)
+    vp, _ = atom14_vectors(pred_BxLx14x3, mask_BxLx14, aatype_BxL)
+    flat = lambda x: x.reshape(B, -1, 3)
+    return _blockwise_clamped_pair_error(flat(vp), flat(vt), ok.reshape(B, -1), _pair_dot, clamp)
+
+
+def torsion_loss(pred_BxLx7x2, true_BxLx7x2, alt_BxLx7x2, mask_BxLx7, residue_mask_BxL):
+    """(AlphaFold 2's torsion loss, its unit-norm penalty).
+
+    The loss is the squared distance between the normalised predicted (sin, cos) and the true
+    one, or the alternative for pi-periodic chis if that is closer, averaged over the torsions
+    the truth defines. The penalty, | |raw pair| - 1 | over every torsion of every residue with
+    structure, keeps the raw pairs near the unit circle so that normalising them stays well
+    conditioned.
+    """
+    unit = normalize_torsions(pred_BxLx7x2)
+    sq = jnp.minimum(jnp.sum((unit - true_BxLx7x2) ** 2, -1), jnp.sum((unit - alt_BxLx7x2) ** 2, -1))
+    norm = jnp.sqrt(jnp.sum(pred_BxLx7x2.astype(jnp.float32) ** 2, -1) + 1e-8)
+    penalty_mask = jnp.broadcast_to(residue_mask_BxL[..., None], mask_BxLx7.shape)
+    return masked_mean(sq, mask_BxLx7), masked_mean(jnp.abs(norm - 1.0), penalty_mask)
