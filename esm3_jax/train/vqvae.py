@@ -410,7 +410,7 @@ class Stage1:
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {"step": state["step"] + 1, "params": params, "codebook": codebook, "opt_state": opt_state, "rng": rng}
-        return new, {**losses, **metrics, "grad_norm": optax.global_norm(grads)}
+        return new, {**losses, **metrics, "grad_norm": optax.tree.norm(grads)}
 
     def export(self, state: dict, out_dir: Path) -> tuple[Path, Path]:
         """Write encoder/ and decoder/ params checkpoints that the CLI verbs load."""
@@ -514,7 +514,7 @@ class Stage2:
         (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         new = state | {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
-        metrics = {**losses, "grad_norm": optax.global_norm(grads)}
+        metrics = {**losses, "grad_norm": optax.tree.norm(grads)}
         if from_esm3 is not None:
             metrics["esm3_token_fraction"] = jnp.mean(from_esm3.astype(jnp.float32))
         return new, metrics
