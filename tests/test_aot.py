@@ -55,19 +55,34 @@ def test_aot_compiles_the_tiny_train_step_for_v5p_8():
 def test_scanned_and_unrolled_train_steps_have_the_same_matmul_count():
     """The scan's trip count is read from the HLO: the scanned step counts as many matmul FLOPs
     as the same step unrolled (remat recomputation included); XLA's cost analysis does not."""
+    import dataclasses
+
+    from esm3_jax import flops
     from esm3_jax.config import load_config
     from esm3_jax.train import aot
 
     counts = {}
-    for scan in ("true", "false"):
+    for scan, remat in (("true", "full"), ("false", "full"), ("true", "none")):
         cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.n_layers=3", "data.batch_size=8",
-                                                           "data.max_length=64", "model.remat=full",
+                                                           "data.max_length=64", f"model.remat={remat}",
                                                            f"model.scan_layers={scan}"])
         r = aot.run_aot(cfg, "v5p-8")
         assert r["loops_without_trip_count"] == []
-        counts[scan] = (r["flops_per_chip"], r["flops_per_chip_xla"])
-    assert counts["true"][0] == counts["false"][0] == 677_580_800
-    assert counts["true"][1] < counts["false"][1]  # one of the two scanned bodies is missing
+        counts[scan, remat] = (r["flops_per_chip"], r["flops_per_chip_xla"], r["analytic_flops_per_chip"])
+    (scanned, scanned_xla, analytic), (unrolled, unrolled_xla, _) = counts["true", "full"], counts["false", "full"]
+    assert scanned == unrolled
+    assert scanned_xla < unrolled_xla  # one of the two scanned bodies is counted once, not 3 times
+    # Full remat recomputes each block's forward once, less what the backward never reads: the
+    # attention-output and FFN-down projections (their inputs are kept, their outputs are not
+    # needed). So the extra matmuls lie between the block forward without those two and all of it.
+    no_remat = counts["true", "none"][0]
+    m = cfg.model
+    tokens_x_layers = 2 * 64 * m.n_layers  # 2 sequences of 64 per chip
+    block_forward = tokens_x_layers * (flops.forward_flops_per_token(m, 64)
+                                       - flops.forward_flops_per_token(dataclasses.replace(m, n_layers=0), 64)) / m.n_layers
+    without_outputs = block_forward - tokens_x_layers * 2 * (m.d_model * m.d_model + m.d_model * m.ffn_hidden)
+    assert without_outputs < scanned - no_remat < block_forward, (scanned, no_remat, without_outputs, block_forward)
+    assert 1.0 < no_remat / analytic < 1.2
 
 
 def _compile_for(topology, fn, *shapes_specs):
