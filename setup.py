@@ -37,10 +37,12 @@ setup(
             "esm==3.2.1.post1",
             "httpx",  # imported by esm but not declared by it
             "freesasa==2.2.1",  # cross-check of our Shrake-Rupley SASA
+            "matplotlib",  # plot-metrics
         ],
         # Ahead-of-time compilation for TPU topologies from any machine (`esm3-jax aot`).
         "tpu-aot": ["libtpu"],
         "wandb": ["wandb"],
+        "plot": ["matplotlib"],  # esm3-jax plot-metrics
     },
     entry_points={"console_scripts": ["esm3-jax=esm3_jax.cli:main"]},
 )

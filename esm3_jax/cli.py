@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "tokenize-structure": ("esm3_jax.tokenize_structure", "PDB/mmCIF chains -> VQ-VAE structure tokens (.npz, one array per chain)"),
     "decode-structure": ("esm3_jax.decode_structure", "structure tokens (.npz) -> backbone or all-atom PDBs with pLDDT, and pTM"),
     "train-vqvae": ("esm3_jax.train.vqvae", "train the VQ-VAE structure tokenizer from a configs/vqvae_*.yaml"),
+    "plot-metrics": ("esm3_jax.plot_metrics", "loss curves of one or more runs' metrics.csv as a PNG (needs matplotlib)"),
 }
 
 

@@ -129,6 +129,10 @@ class VQVAETrainSettings:
         for name in ("crop_length", "batch_size", "steps", "log_every", "checkpoint_every", "eval_max_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.stage == 1 and not 0 <= self.vq_warmup_steps < self.steps:
+            # The codebook is fitted to the encoder at the end of the warm-up: a run that ends
+            # before it would export codes fitted to the untrained encoder.
+            raise ValueError(f"train.vq_warmup_steps={self.vq_warmup_steps} must be in [0, train.steps={self.steps})")
         self.loss_weights.validate()
 
 
