@@ -29,6 +29,11 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
     return cols
 
 
+def _label(path: Path) -> str:
+    """A run's name: its folder for runs/NAME/metrics.csv, else the file's stem."""
+    return (path.parent.name or str(path)) if path.name == "metrics.csv" else path.stem
+
+
 def plot(csv_paths: list[Path], columns: list[str], out: Path, log_columns: set[str]) -> Path:
     try:
         import matplotlib
@@ -48,7 +53,7 @@ def plot(csv_paths: list[Path], columns: list[str], out: Path, log_columns: set[
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     for ax, col in zip(axes.flat, columns):
         for p, cols in runs.items():
-            ax.plot(cols["step"], cols[col], label=p.parent.name or str(p), linewidth=1.2)
+            ax.plot(cols["step"], cols[col], label=_label(p), linewidth=1.2)
         ax.set_title(col)
         ax.set_xlabel("step")
         if col in log_columns:

@@ -216,4 +216,9 @@ def test_losses_on_a_real_backbone():
     r, t, _ = backbone_frames(true)
     pae_target_logits = jnp.zeros((1, L, L, 64)).at[..., 0].set(100.0)  # "0 Å error" everywhere
     assert float(VL.pae_loss(pae_target_logits, r, t, true, mask)) < 1e-3
+    # FAPE: blind to a rigid motion, not to a mirror image (frames are proper rotations).
+    fape = lambda x: float(VL.backbone_fape_loss(*backbone_frames(x)[:2], x, true, mask))
+    assert fape(moved) < 1e-3
+    assert fape(mirrored) > 0.3
+    assert 0.05 < fape(true + 0.5 * jax.random.normal(jax.random.PRNGKey(1), true.shape)) < fape(mirrored)
     assert float(VL.plddt_loss(jnp.zeros((1, L, 50)).at[..., 49].set(100.0), true, true, mask)) < 1e-3

@@ -166,6 +166,16 @@ def test_train_vqvae_tiny_run_and_resume(tmp_path, capsys):
     # Run again: it resumes from the last checkpoint instead of starting over.
     assert main(["train-vqvae", "--config", str(config), "--no-progress", *overrides]) == 0
     assert "resumed from step 3" in capsys.readouterr().out
+    # Evaluate the exported checkpoints again, on crops of another length, without training.
+    assert main(["train-vqvae", "--config", str(config), "--eval-only", *overrides[:-1],
+                 f"train.output_dir={tmp_path}", "train.eval_max_length=16"]) == 0
+    crops = json.loads(capsys.readouterr().out)
+    assert crops["eval_max_length"] == 16 and crops["chains"] == 2 and np.isfinite(crops["lddt_ca_mean"])
+    assert main(["train-vqvae", "--config", str(config), "--eval-only", f"train.output_dir={tmp_path / 'none'}"]) == 2
+    assert "no exported checkpoint" in capsys.readouterr().err
+    # A run that would end inside its VQ warm-up (codebook never fitted) is refused up front.
+    assert main(["train-vqvae", "--config", str(config), *overrides, "train.vq_warmup_steps=3"]) == 2
+    assert "train.vq_warmup_steps=3 must be in [0, train.steps=3)" in capsys.readouterr().err
 
     # Stage 2: the encoder just trained, frozen; a fresh sequence-conditioned decoder with the
     # confidence losses.

@@ -67,6 +67,7 @@ class LossWeights:
     direction_bins: float = 1.0
     inverse_folding: float = 1.0
     commitment: float = 1.0  # on top of the codebook's own 0.25
+    fape: float = 0.0  # backbone FAPE: not in the paper, breaks the mirror symmetry of distances
     plddt: float = 0.0  # stage 2
     pae: float = 0.0  # stage 2
     # Stage 2 with an all-atom decoder (decoder.all_atom): the distance and direction losses over
@@ -320,6 +321,8 @@ def structure_losses(out: dict, batch: dict, t: VQVAETrainSettings) -> dict[str,
         losses["inverse_folding"] = VL.inverse_folding_loss(out["sequence_logits"], batch["aa"], mask)
     if "commitment" in out:
         losses["commitment"] = out["commitment"]
+    if weights.fape:
+        losses["fape"] = VL.backbone_fape_loss(out["rot"], out["trans"], pred, true, mask)
     if weights.plddt:
         losses["plddt"] = VL.plddt_loss(out["plddt_logits"], pred, true, mask)
     if weights.pae:
@@ -633,10 +636,25 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/vqvae_small.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: evaluate the run's exported encoder/ and decoder/ on the valid split "
+                        "(e.g. with train.eval_max_length=96 for crops of the training length)")
+
+
+def evaluate_run(cfg: VQVAEConfig) -> dict[str, Any]:
+    """evaluate() of an output_dir's exported checkpoints on the valid split, as the config says."""
+    t = cfg.train
+    out_dir = Path(t.output_dir)
+    enc_dir, dec_dir = out_dir / "encoder", out_dir / "decoder"
+    for d in (enc_dir, dec_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no exported checkpoint; train first (train.output_dir={t.output_dir})")
+    chains = load_split(Path(t.data_dir) if t.data_dir else DEFAULT_DATA, "valid", t.max_valid_chains, cfg.decoder.all_atom)
+    return evaluate(enc_dir, dec_dir, chains, t.eval_max_length) | {"eval_max_length": t.eval_max_length}
 
 
 def cli_main(args: argparse.Namespace) -> int:
     cfg = load_vqvae_config(args.config, args.overrides)
-    result = train(cfg, progress=not args.no_progress)
+    result = evaluate_run(cfg) if args.eval_only else train(cfg, progress=not args.no_progress)
     print(json.dumps(result, indent=2))
     return 0

@@ -141,6 +141,23 @@ def _frames_from_backbone(x_BxLx3x3):
     return gram_schmidt(ca - c, n - ca), ca
 
 
+def backbone_fape_loss(pred_rot, pred_trans, pred_BxLx3x3, true_BxLx3x3, mask_BxL, clamp: float = 10.0):
+    """Frame-aligned point error (AlphaFold 2) over N/CA/C: every backbone atom j seen from every
+    residue i's frame, pred vs true, the distance clamped at `clamp` Å and divided by 10 Å.
+
+    Not one of the paper's stage-1 losses (an addition, off by default). Distances are blind to
+    a mirror image and the direction loss pins chirality only weakly, so a decoder trained on
+    them folds a share of chains as their mirror image; frames are proper rotations, so FAPE is not.
+    """
+    true = _zero_missing(true_BxLx3x3, mask_BxL)
+    true_rot, true_trans = _frames_from_backbone(true)
+    # (B, L_i, L_j, 3 atoms, 3): atom a of residue j in residue i's frame.
+    local = lambda rot, t, x: jnp.einsum("bimn,bijam->bijan", rot, x[:, None] - t[:, :, None, None, :])
+    err = jnp.sqrt(jnp.sum((local(pred_rot, pred_trans, pred_BxLx3x3) - local(true_rot, true_trans, true)) ** 2, -1) + 1e-8)
+    pair = mask_BxL[:, :, None, None] & mask_BxL[:, None, :, None]
+    return masked_mean(jnp.minimum(err, clamp), jnp.broadcast_to(pair, err.shape)) / 10.0
+
+
 def pae_loss(logits_BxLxLx64, pred_rot, pred_trans, true_BxLx3x3, mask_BxL):
     """CE on the binned aligned error: residue j's CA seen from residue i's frame, pred vs true."""
     true_rot, true_trans = _frames_from_backbone(_zero_missing(true_BxLx3x3, mask_BxL))
