@@ -34,7 +34,17 @@ def _label(path: Path) -> str:
     return (path.parent.name or str(path)) if path.name == "metrics.csv" else path.stem
 
 
-def plot(csv_paths: list[Path], columns: list[str], out: Path, log_columns: set[str]) -> Path:
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` finite values (single-batch losses are noisy)."""
+    out, buf = [], []
+    for v in values:
+        if math.isfinite(v):
+            buf = (buf + [v])[-window:]
+        out.append(sum(buf) / len(buf) if buf else math.nan)
+    return out
+
+
+def plot(csv_paths: list[Path], columns: list[str], out: Path, log_columns: set[str], smooth: int = 1) -> Path:
     try:
         import matplotlib
 
@@ -53,8 +63,8 @@ def plot(csv_paths: list[Path], columns: list[str], out: Path, log_columns: set[
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     for ax, col in zip(axes.flat, columns):
         for p, cols in runs.items():
-            ax.plot(cols["step"], cols[col], label=_label(p), linewidth=1.2)
-        ax.set_title(col)
+            ax.plot(cols["step"], moving_average(cols[col], smooth), label=_label(p), linewidth=1.2)
+        ax.set_title(col if smooth == 1 else f"{col} (mean of {smooth} rows)")
         ax.set_xlabel("step")
         if col in log_columns:
             ax.set_yscale("log")
@@ -76,6 +86,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--columns", default="total,distance,direction,distogram,inverse_folding,codebook_perplexity",
                    help="comma-separated columns, one panel each")
     p.add_argument("--log", default="total,distance,direction", help="columns drawn on a log scale")
+    p.add_argument("--smooth", type=int, default=1, help="trailing moving average over this many rows")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -83,6 +94,8 @@ def cli_main(args: argparse.Namespace) -> int:
     for p in args.csv:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such metrics file")
-    out = plot(args.csv, columns, args.out, set(args.log.split(",")))
+    if args.smooth < 1:
+        raise ValueError(f"--smooth must be >= 1, got {args.smooth}")
+    out = plot(args.csv, columns, args.out, set(args.log.split(",")), args.smooth)
     print(f"wrote {out}")
     return 0

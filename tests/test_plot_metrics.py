@@ -15,7 +15,7 @@ def test_plot_writes_a_png_per_run_set(tmp_path, capsys):
         (tmp_path / run / "metrics.csv").write_text(CSV)
     out = tmp_path / "curves.png"
     args = ["plot-metrics", str(tmp_path / "a" / "metrics.csv"), str(tmp_path / "b" / "metrics.csv"),
-            "--out", str(out), "--columns", "total,distance"]
+            "--out", str(out), "--columns", "total,distance", "--smooth", "2"]
     assert main(args) == 0
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -32,3 +32,9 @@ def test_unknown_column_and_non_numeric_cell_are_named(tmp_path, capsys):
     assert "line 2: column 'total' is not a number" in capsys.readouterr().err
     assert main(["plot-metrics", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no such metrics file" in capsys.readouterr().err
+
+
+def test_moving_average_skips_missing_values():
+    from esm3_jax.plot_metrics import moving_average
+
+    assert moving_average([1.0, 3.0, float("nan"), 5.0], 2) == [1.0, 2.0, 2.0, 4.0]

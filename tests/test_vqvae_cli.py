@@ -170,7 +170,8 @@ def test_train_vqvae_tiny_run_and_resume(tmp_path, capsys):
     assert main(["train-vqvae", "--config", str(config), "--eval-only", *overrides[:-1],
                  f"train.output_dir={tmp_path}", "train.eval_max_length=16"]) == 0
     crops = json.loads(capsys.readouterr().out)
-    assert crops["eval_max_length"] == 16 and crops["chains"] == 2 and np.isfinite(crops["lddt_ca_mean"])
+    assert crops["eval_max_length"] == 16 and crops["chains"] == 2 and crops["split"] == "valid"
+    assert all(np.isfinite(crops[k]) for k in ("lddt_ca_mean", "drms_mean", "mirror_rmsd_mean", "mirror_closer_fraction"))
     assert main(["train-vqvae", "--config", str(config), "--eval-only", f"train.output_dir={tmp_path / 'none'}"]) == 2
     assert "no exported checkpoint" in capsys.readouterr().err
     # A run that would end inside its VQ warm-up (codebook never fitted) is refused up front.

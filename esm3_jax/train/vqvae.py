@@ -543,7 +543,7 @@ def evaluate(encoder_dir: Path, decoder_dir: Path, chains: list[Chain], max_leng
     from esm3_jax.structure_tokenizer import StructureTokenizer
 
     tok = StructureTokenizer.load(encoder_dir, decoder_dir)
-    rmsds, lddts, used, all_atom = [], [], [], []
+    rmsds, mirror_rmsds, drms, lddts, used, all_atom = [], [], [], [], [], []
     for c in chains:
         c = crop(c, max_length, np.random.default_rng(0))
         tokens = tok.tokenize(c.backbone, c.residue_index)
@@ -552,7 +552,13 @@ def evaluate(encoder_dir: Path, decoder_dir: Path, chains: list[Chain], max_leng
         if "atom37" in dec and c.atom37 is not None:
             all_atom.append(geometry.all_atom_comparison(dec["atom37"], c.atom37, sequence))
         has = np.isfinite(c.backbone).all((-1, -2))
-        rmsds.append(geometry.rmsd(dec["backbone"][has], c.backbone[has]))
+        pred, true = dec["backbone"][has], c.backbone[has]
+        rmsds.append(geometry.rmsd(pred, true))
+        # Distances cannot tell a mirror image: how far the decoded fold is from the truth's
+        # mirror, and the distance-matrix error (dRMS) that the distance loss sees.
+        mirror_rmsds.append(geometry.rmsd(pred, true * np.array([-1.0, 1.0, 1.0])))
+        dist = lambda x: np.linalg.norm(x.reshape(-1, 1, 3) - x.reshape(1, -1, 3), axis=-1)
+        drms.append(float(np.sqrt(np.mean((dist(pred) - dist(true)) ** 2))))
         lddts.append(geometry.lddt_ca(dec["backbone"][:, 1][has], c.backbone[:, 1][has]))
         used.append(tokens[tokens >= 0])
     all_codes = np.concatenate(used)
@@ -564,6 +570,9 @@ def evaluate(encoder_dir: Path, decoder_dir: Path, chains: list[Chain], max_leng
         "backbone_rmsd_mean": float(np.mean(rmsds)),
         "backbone_rmsd_median": float(np.median(rmsds)),
         "lddt_ca_mean": float(np.mean(lddts)),
+        "drms_mean": float(np.mean(drms)),
+        "mirror_rmsd_mean": float(np.mean(mirror_rmsds)),
+        "mirror_closer_fraction": float(np.mean(np.array(mirror_rmsds) < np.array(rmsds))),
         "codes_used": int((counts > 0).sum()),
         "codebook_usage": float((counts > 0).mean()),
         "codebook_perplexity": float(np.exp(-(p * np.log(p)).sum())),
@@ -639,22 +648,24 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-only", action="store_true",
                    help="no training: evaluate the run's exported encoder/ and decoder/ on the valid split "
                         "(e.g. with train.eval_max_length=96 for crops of the training length)")
+    p.add_argument("--split", default="valid", choices=("valid", "train"),
+                   help="--eval-only: the split to evaluate (train.max_valid_chains caps its size)")
 
 
-def evaluate_run(cfg: VQVAEConfig) -> dict[str, Any]:
-    """evaluate() of an output_dir's exported checkpoints on the valid split, as the config says."""
+def evaluate_run(cfg: VQVAEConfig, split: str = "valid") -> dict[str, Any]:
+    """evaluate() of an output_dir's exported checkpoints on a split, as the config says."""
     t = cfg.train
     out_dir = Path(t.output_dir)
     enc_dir, dec_dir = out_dir / "encoder", out_dir / "decoder"
     for d in (enc_dir, dec_dir):
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: no exported checkpoint; train first (train.output_dir={t.output_dir})")
-    chains = load_split(Path(t.data_dir) if t.data_dir else DEFAULT_DATA, "valid", t.max_valid_chains, cfg.decoder.all_atom)
-    return evaluate(enc_dir, dec_dir, chains, t.eval_max_length) | {"eval_max_length": t.eval_max_length}
+    chains = load_split(Path(t.data_dir) if t.data_dir else DEFAULT_DATA, split, t.max_valid_chains, cfg.decoder.all_atom)
+    return evaluate(enc_dir, dec_dir, chains, t.eval_max_length) | {"split": split, "eval_max_length": t.eval_max_length}
 
 
 def cli_main(args: argparse.Namespace) -> int:
     cfg = load_vqvae_config(args.config, args.overrides)
-    result = evaluate_run(cfg) if args.eval_only else train(cfg, progress=not args.no_progress)
+    result = evaluate_run(cfg, args.split) if args.eval_only else train(cfg, progress=not args.no_progress)
     print(json.dumps(result, indent=2))
     return 0
