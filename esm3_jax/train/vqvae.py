@@ -665,6 +665,8 @@ def evaluate_run(cfg: VQVAEConfig, split: str = "valid") -> dict[str, Any]:
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    if args.split != "valid" and not args.eval_only:
+        raise ValueError("--split chooses what --eval-only evaluates; training always evaluates on valid")
     cfg = load_vqvae_config(args.config, args.overrides)
     result = evaluate_run(cfg, args.split) if args.eval_only else train(cfg, progress=not args.no_progress)
     print(json.dumps(result, indent=2))
