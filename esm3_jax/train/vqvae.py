@@ -67,7 +67,9 @@ class LossWeights:
     direction_bins: float = 1.0
     inverse_folding: float = 1.0
     commitment: float = 1.0  # on top of the codebook's own 0.25
-    fape: float = 0.0  # backbone FAPE: not in the paper, breaks the mirror symmetry of distances
+    # Backbone FAPE: not in the paper, chiral. Experimental: it made mirrored folds more common in
+    # the small run (BENCHMARKS.md), a sign of a frame-convention mismatch not yet checked.
+    fape: float = 0.0
     plddt: float = 0.0  # stage 2
     pae: float = 0.0  # stage 2
     # Stage 2 with an all-atom decoder (decoder.all_atom): the distance and direction losses over
