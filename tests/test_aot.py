@@ -76,11 +76,10 @@ def test_scanned_and_unrolled_train_steps_have_the_same_matmul_count():
     # attention-output and FFN-down projections (their inputs are kept, their outputs are not
     # needed). So the extra matmuls lie between the block forward without those two and all of it.
     no_remat = counts["true", "none"][0]
-    m = cfg.model
-    tokens_x_layers = 2 * 64 * m.n_layers  # 2 sequences of 64 per chip
-    block_forward = tokens_x_layers * (flops.forward_flops_per_token(m, 64)
-                                       - flops.forward_flops_per_token(dataclasses.replace(m, n_layers=0), 64)) / m.n_layers
-    without_outputs = block_forward - tokens_x_layers * 2 * (m.d_model * m.d_model + m.d_model * m.ffn_hidden)
+    m, tokens = cfg.model, 2 * 64  # 2 sequences of 64 per chip
+    block_forward = tokens * (flops.forward_flops_per_token(m, 64)
+                              - flops.forward_flops_per_token(dataclasses.replace(m, n_layers=0), 64))
+    without_outputs = block_forward - tokens * m.n_layers * 2 * (m.d_model * m.d_model + m.d_model * m.ffn_hidden)
     assert without_outputs < scanned - no_remat < block_forward, (scanned, no_remat, without_outputs, block_forward)
     assert 1.0 < no_remat / analytic < 1.2
 

@@ -545,6 +545,7 @@ def evaluate(encoder_dir: Path, decoder_dir: Path, chains: list[Chain], max_leng
     from esm3_jax.structure_tokenizer import StructureTokenizer
 
     tok = StructureTokenizer.load(encoder_dir, decoder_dir)
+    dist = lambda x: np.linalg.norm(x.reshape(-1, 1, 3) - x.reshape(1, -1, 3), axis=-1)  # all atom pairs
     rmsds, mirror_rmsds, drms, lddts, used, all_atom = [], [], [], [], [], []
     for c in chains:
         c = crop(c, max_length, np.random.default_rng(0))
@@ -559,7 +560,6 @@ def evaluate(encoder_dir: Path, decoder_dir: Path, chains: list[Chain], max_leng
         # Distances cannot tell a mirror image: how far the decoded fold is from the truth's
         # mirror, and the distance-matrix error (dRMS) that the distance loss sees.
         mirror_rmsds.append(geometry.rmsd(pred, true * np.array([-1.0, 1.0, 1.0])))
-        dist = lambda x: np.linalg.norm(x.reshape(-1, 1, 3) - x.reshape(1, -1, 3), axis=-1)
         drms.append(float(np.sqrt(np.mean((dist(pred) - dist(true)) ** 2))))
         lddts.append(geometry.lddt_ca(dec["backbone"][:, 1][has], c.backbone[:, 1][has]))
         used.append(tokens[tokens >= 0])

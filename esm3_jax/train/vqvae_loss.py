@@ -141,6 +141,11 @@ def _frames_from_backbone(x_BxLx3x3):
     return gram_schmidt(ca - c, n - ca), ca
 
 
+def _points_in_frames(rot_BxLx3x3, trans_BxLx3, x_BxNx3):
+    """(B, L, N, 3): point n in residue l's local frame, R_l^T (x_n - t_l)."""
+    return jnp.einsum("bimn,bijm->bijn", rot_BxLx3x3, x_BxNx3[:, None] - trans_BxLx3[:, :, None])
+
+
 def backbone_fape_loss(pred_rot, pred_trans, pred_BxLx3x3, true_BxLx3x3, mask_BxL, clamp: float = 10.0):
     """Frame-aligned point error (AlphaFold 2) over N/CA/C: every backbone atom j seen from every
     residue i's frame, pred vs true, the distance clamped at `clamp` Å and divided by 10 Å.
@@ -151,9 +156,11 @@ def backbone_fape_loss(pred_rot, pred_trans, pred_BxLx3x3, true_BxLx3x3, mask_Bx
     """
     true = _zero_missing(true_BxLx3x3, mask_BxL)
     true_rot, true_trans = _frames_from_backbone(true)
-    # (B, L_i, L_j, 3 atoms, 3): atom a of residue j in residue i's frame.
-    local = lambda rot, t, x: jnp.einsum("bimn,bijam->bijan", rot, x[:, None] - t[:, :, None, None, :])
-    err = jnp.sqrt(jnp.sum((local(pred_rot, pred_trans, pred_BxLx3x3) - local(true_rot, true_trans, true)) ** 2, -1) + 1e-8)
+    B, L = mask_BxL.shape
+    # (B, L_i, 3 L_j, 3): every backbone atom in every residue's frame.
+    pred_local = _points_in_frames(pred_rot, pred_trans, pred_BxLx3x3.reshape(B, 3 * L, 3))
+    true_local = _points_in_frames(true_rot, true_trans, true.reshape(B, 3 * L, 3))
+    err = jnp.sqrt(jnp.sum((pred_local - true_local) ** 2, -1) + 1e-8).reshape(B, L, L, 3)
     pair = mask_BxL[:, :, None, None] & mask_BxL[:, None, :, None]
     return masked_mean(jnp.minimum(err, clamp), jnp.broadcast_to(pair, err.shape)) / 10.0
 
@@ -161,7 +168,7 @@ def backbone_fape_loss(pred_rot, pred_trans, pred_BxLx3x3, true_BxLx3x3, mask_Bx
 def pae_loss(logits_BxLxLx64, pred_rot, pred_trans, true_BxLx3x3, mask_BxL):
     """CE on the binned aligned error: residue j's CA seen from residue i's frame, pred vs true."""
     true_rot, true_trans = _frames_from_backbone(_zero_missing(true_BxLx3x3, mask_BxL))
-    local = lambda rot, t: jnp.einsum("bimn,bijm->bijn", rot, t[:, None, :, :] - t[:, :, None, :])
+    local = lambda rot, t: _points_in_frames(rot, t, t)
     sq = jnp.sum((local(jax.lax.stop_gradient(pred_rot), jax.lax.stop_gradient(pred_trans)) - local(true_rot, true_trans)) ** 2, -1)
     sq_edges = jnp.linspace(0.0, MAX_PAE_BIN, logits_BxLxLx64.shape[-1] - 1) ** 2
     target = jnp.sum(sq[..., None] > sq_edges, axis=-1)
