@@ -117,7 +117,7 @@ def test_geometric_kernel_matches_autodiff_of_the_plain_formula(n_queries):
     args = (qr, kr, v, qd, kd)
     grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=tuple(range(5))))(*args)
     want_val, want = grad(plain)
-    for chunk_bytes in (1 << 30, 2 * Q * K * 4):  # unchunked, and 3 chunks of 2 rows
+    for chunk_bytes in (None, 1 << 30, 2 * Q * K * 4):  # the default, unchunked, and 3 chunks of 2 rows
         val, got = grad(fused(chunk_bytes))
         assert abs(float(val) - float(want_val)) <= 1e-5 * abs(float(want_val))
         for name, a, b in zip(("q_rot", "k_rot", "value", "q_dist", "k_dist"), got, want):

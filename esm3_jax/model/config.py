@@ -25,6 +25,9 @@ class ModelConfig:
     # kernel (TPUs; lengths a multiple of 128); splash-interpret: that kernel through the Pallas
     # interpreter, on any backend (slow: for testing the TPU path on a CPU).
     attention: Literal["xla", "cudnn", "splash", "splash-interpret"] = "xla"
+    # Bytes of one (rows, L, L) fp32 block of the geometric-attention kernel; 0: the kernel's
+    # default for the platform compiled for (small, cache-sized blocks on the CPU).
+    geom_chunk_bytes: int = 0
 
     @property
     def dtype(self):
@@ -67,6 +70,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.n_layers_geom={self.n_layers_geom} must be in [0, n_layers={self.n_layers}]"
             )
+        if self.geom_chunk_bytes < 0:
+            raise ValueError(f"model.geom_chunk_bytes must be >= 0 (0: platform default), got {self.geom_chunk_bytes}")
         if self.ffn_expansion <= 0:
             raise ValueError(f"model.ffn_expansion must be positive, got {self.ffn_expansion}")
 

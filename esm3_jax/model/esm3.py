@@ -182,7 +182,8 @@ class Block(nn.Module):
         )
         x_BxLxD = x_BxLxD + a.astype(x_BxLxD.dtype) / s
         if self.use_geom:
-            g = GeometricAttention(cfg.d_model, cfg.v_heads, mask_and_zero_frameless=True, name="geom_attn")(
+            g = GeometricAttention(cfg.d_model, cfg.v_heads, mask_and_zero_frameless=True,
+                                   chunk_bytes=cfg.geom_chunk_bytes or None, name="geom_attn")(
                 x_BxLxD, *geom
             )
             x_BxLxD = x_BxLxD + g.astype(x_BxLxD.dtype) / s

@@ -31,6 +31,7 @@ class GeometricAttention(nn.Module):
     v_heads: int
     use_bias: bool = False
     mask_and_zero_frameless: bool = True
+    chunk_bytes: int | None = None  # the kernel's block bound; None: its default for the backend
 
     @nn.compact
     def __call__(
@@ -95,7 +96,7 @@ class GeometricAttention(nn.Module):
             rows(q_rot * per_head(w_rot * _INV_SQRT3)), rows(k_rot), rows(value),
             rows(q_dist * per_head(w_dist * _INV_SQRT3)), rows(k_dist * per_head(w_dist * _INV_SQRT3)),
             per_row(sequence_id_BxL[:, :nq]), per_row(sequence_id_BxL), per_row(chain_id_BxL[:, :nq]),
-            per_row(chain_id_BxL), per_row(frame_mask_BxL),
+            per_row(chain_id_BxL), per_row(frame_mask_BxL), chunk_bytes=self.chunk_bytes,
         )
         o_BxHxLx3 = o_NxQx3.reshape(B, h, nq, 3)
 

@@ -8,15 +8,19 @@ sqrt3 into both point sets, so that |a q - a k| = a |q - k| carries the distance
 
 Written with jnp einsums and left to autodiff, XLA materialises about twenty (heads, L, L) tensors
 in the forward and backward passes (broadcast distance terms, the bias per head, the softmax and
-its gradient pieces), and the sublayer is memory-bound: 1.7 s of a 10 s train step for the small
-config on a 2-core CPU (BENCHMARKS.md). Here the logits are recomputed elementwise from the O(L)
-vectors wherever they are needed, never stored, and the backward pass is written out: a "query
+its gradient pieces), and the sublayer is memory-bound. Here the logits are recomputed elementwise
+from the O(L) vectors wherever they are needed, and the backward pass is written out: a "query
 grid" pass yields the query gradients and a pass over the transposed "key grid" the key and value
-gradients, each ending in plain row-major matmuls (K=L contractions) that XLA runs well. Only the
-softmax statistics per query are kept from the forward pass, as in flash attention.
+gradients, each ending in plain row-major matmuls (K=L contractions). Only the softmax statistics
+per query are kept from the forward pass, as in flash attention.
 
-Work is split over chunks of the flattened batch x head axis (`lax.map`) so at most a few
-(chunk, Q, K) arrays are alive at once, which bounds memory at long lengths.
+Work is split over chunks of the flattened batch x head axis (`lax.map`), so only a few
+(chunk, Q, K) blocks are alive at once: this bounds memory at long lengths and, with small blocks
+on the CPU, keeps them in cache (a grid pass that writes its block to memory costs 3-4x one that
+stays in cache). Every vector enters as three separate (N, len) coordinate planes, materialised
+before the loop: a component sliced out of an (N, len, 3) array inside the loop's fusions turns
+each element's load into index arithmetic that LLVM does not vectorise (measured on XLA:CPU: the
+backward pass 4x slower).
 The bias follows the reference exactly: +1 for same-sequence pairs (not a mask), the most negative
 float where the key has no frame or the pair spans two chains.
 """
@@ -31,15 +35,22 @@ import jax.numpy as jnp
 _NEG = float(jnp.finfo(jnp.float32).min)
 # Inside the square root: keeps the distance's gradient finite when two points coincide.
 _DIST_EPS = 1e-12
-# Upper bound on one (chunk, Q, K) fp32 array; the backward pass holds about four of them. Big
-# enough that CPU-sized problems run unchunked: XLA:CPU runs these fusions several times slower
-# inside a while loop than outside one (measured: 0.6 s -> 2.4 s for the small config's sublayer).
+# Upper bound on one (chunk, Q, K) fp32 block; the backward pass holds about four of them.
+# CPU: one row of a 512 x 512 grid, small enough to stay in the core's cache (the small config's
+# sublayer: 2.4 s fwd+bwd unchunked, 0.47 s in 1 MiB blocks, 0.77 s in 4 MiB; BENCHMARKS.md).
+# Elsewhere: large blocks, to give each kernel launch enough work; a bound on memory only.
+CHUNK_BYTES = {"cpu": 1 << 20}
 DEFAULT_CHUNK_BYTES = 1 << 30
 
 
-def _outer_dot(a_3xNxA, b_3xNxB):  # each a sequence of three (N, len) planes
-    """sum_c a[c, n, i] * b[c, n, j] elementwise (no dot: K=3 contractions are fused into the logits)."""
-    return sum(a_3xNxA[c][:, :, None] * b_3xNxB[c][:, None, :] for c in range(3))
+def default_chunk_bytes(platform: str) -> int:
+    """The block bound used when none is configured, for a platform name ("cpu", "gpu", "tpu")."""
+    return CHUNK_BYTES.get(platform, DEFAULT_CHUNK_BYTES)
+
+
+def _outer_dot(a, b):  # each three (N, len) planes
+    """sum_c a[c][n, i] * b[c][n, j] elementwise (no dot: K=3 contractions are fused into the logits)."""
+    return sum(a[c][:, :, None] * b[c][:, None, :] for c in range(3))
 
 
 def _grid(rows, cols, key_is_col: bool):
@@ -59,21 +70,15 @@ def _grid(rows, cols, key_is_col: bool):
     return dirs - dist + bias, dist
 
 
-def _components(x_NxLx3):
-    """The three (N, L) coordinate planes, each its own contiguous array (see _sides)."""
-    return tuple(x_NxLx3[..., c] for c in range(3))
-
-
 def _sides(qr, kr, qd, kd, q_meta, k_meta):
-    # The barrier makes the small per-component planes real arrays before the (N, Q, K) loops
-    # read them. Left to fusion, XLA folds the strided slicing into those loops (or picks a
-    # layout that makes a plane strided), and the per-element index arithmetic there cost ~10x
-    # in the train step (seen: 1.4 s instead of ~0.1 s per grid pass).
-    q, k = jax.lax.optimization_barrier((
-        {"r": _components(qr), "d": _components(qd), "seq": q_meta[0], "chain": q_meta[1]},
-        {"r": _components(kr), "d": _components(kd), "seq": k_meta[0], "chain": k_meta[1], "ok": k_meta[2]},
-    ))
+    q = {"r": qr, "d": qd, "seq": q_meta[0], "chain": q_meta[1]}
+    k = {"r": kr, "d": kd, "seq": k_meta[0], "chain": k_meta[1], "ok": k_meta[2]}
     return q, k
+
+
+def _stack(planes):
+    """(N, len, 3) from three planes: the operand layout of the K=len matmuls."""
+    return jnp.stack(planes, axis=-1)
 
 
 def _forward_chunk(qr, kr, v, qd, kd, q_meta, k_meta):
@@ -82,7 +87,7 @@ def _forward_chunk(qr, kr, v, qd, kd, q_meta, k_meta):
     m_NxQ = jnp.max(s_NxQxK, axis=-1)
     e_NxQxK = jnp.exp(s_NxQxK - m_NxQ[..., None])
     # One matmul gives both the weighted values and the softmax normaliser (the ones column).
-    v1_NxKx4 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    v1_NxKx4 = _stack((*v, jnp.ones_like(v[0])))
     acc_NxQx4 = jnp.einsum("nqk,nkc->nqc", e_NxQxK, v1_NxKx4)
     norm_NxQ = acc_NxQx4[..., 3]
     o_NxQx3 = acc_NxQx4[..., :3] / norm_NxQ[..., None]
@@ -91,27 +96,26 @@ def _forward_chunk(qr, kr, v, qd, kd, q_meta, k_meta):
     return o_NxQx3, (m_NxQ, 1.0 / norm_NxQ)
 
 
-def _backward_chunk(qr, kr, v, qd, kd, q_meta, k_meta, o, m_NxQ, inv_norm_NxQ, do_NxQx3):
+def _backward_chunk(qr, kr, v, qd, kd, q_meta, k_meta, o_NxQx3, m_NxQ, inv_norm_NxQ, do_NxQx3, do):
     q, k = _sides(qr, kr, qd, kd, q_meta, k_meta)
-    do_pl, v_pl = jax.lax.optimization_barrier((_components(do_NxQx3), _components(v)))
-    delta_NxQ = jnp.sum(do_NxQx3 * o, axis=-1)
+    delta_NxQ = jnp.sum(do_NxQx3 * o_NxQx3, axis=-1)
 
     # Query grid: gradients of the query directions and points (reductions over keys).
     s, dist = _grid(q, k, key_is_col=True)
     p = jnp.exp(s - m_NxQ[:, :, None]) * inv_norm_NxQ[:, :, None]
-    ds = p * (_outer_dot(do_pl, v_pl) - delta_NxQ[:, :, None])
+    ds = p * (_outer_dot(do, v) - delta_NxQ[:, :, None])
     g = ds / dist  # ds/d(dist) = -1, d(dist)/d(qd) = (qd - kd)/dist
-    d_qr = jnp.einsum("nqk,nkc->nqc", ds, kr)
-    d_qd = jnp.einsum("nqk,nkc->nqc", g, kd) - jnp.sum(g, axis=-1)[..., None] * qd
+    d_qr = jnp.einsum("nqk,nkc->nqc", ds, _stack(kr))
+    d_qd = jnp.einsum("nqk,nkc->nqc", g, _stack(kd)) - jnp.sum(g, axis=-1)[..., None] * _stack(qd)
 
     # Key grid (the transpose, recomputed rather than transposed): key and value gradients.
     sT, distT = _grid(k, q, key_is_col=False)
     pT = jnp.exp(sT - m_NxQ[:, None, :]) * inv_norm_NxQ[:, None, :]
-    dsT = pT * (_outer_dot(v_pl, do_pl) - delta_NxQ[:, None, :])
+    dsT = pT * (_outer_dot(v, do) - delta_NxQ[:, None, :])
     gT = dsT / distT
     d_v = jnp.einsum("nkq,nqc->nkc", pT, do_NxQx3)
-    d_kr = jnp.einsum("nkq,nqc->nkc", dsT, qr)
-    d_kd = jnp.einsum("nkq,nqc->nkc", gT, qd) - jnp.sum(gT, axis=-1)[..., None] * kd
+    d_kr = jnp.einsum("nkq,nqc->nkc", dsT, _stack(qr))
+    d_kd = jnp.einsum("nkq,nqc->nkc", gT, _stack(qd)) - jnp.sum(gT, axis=-1)[..., None] * _stack(kd)
     return d_qr, d_kr, d_v, d_qd, d_kd
 
 
@@ -124,13 +128,18 @@ def _chunk_size(n: int, q: int, k: int, chunk_bytes: int) -> int:
     return best
 
 
-def _map_chunks(fn, n_chunks: int, *arrays):
-    """Apply fn to consecutive chunks of the leading axis of every array; concatenate the results."""
+def _map_chunks(fn, n_chunks: int, *args):
+    """Apply fn to consecutive chunks of the leading axis of every array in args; concatenate the results."""
     if n_chunks == 1:
-        return fn(*arrays)
+        return fn(*args)
     split = lambda a: a.reshape((n_chunks, a.shape[0] // n_chunks) + a.shape[1:])
-    out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays))
+    out = jax.lax.map(lambda xs: fn(*xs), jax.tree.map(split, args))
     return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
+
+
+def _planes(x_NxLx3):
+    """The three (N, L) coordinate planes, each its own contiguous array (module docstring)."""
+    return tuple(x_NxLx3[..., c] for c in range(3))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -139,16 +148,15 @@ def _attend(qr, kr, v, qd, kd, q_meta, k_meta, n_chunks):
 
 
 def _attend_fwd(qr, kr, v, qd, kd, q_meta, k_meta, n_chunks):
-    fwd = lambda *a: _forward_chunk(*a[:5], a[5:7], a[7:10])
-    o, stats = _map_chunks(fwd, n_chunks, qr, kr, v, qd, kd, *q_meta, *k_meta)
+    o, stats = _map_chunks(_forward_chunk, n_chunks, qr, kr, v, qd, kd, q_meta, k_meta)
     return o, (qr, kr, v, qd, kd, q_meta, k_meta, o, stats)
 
 
-def _attend_bwd(n_chunks, res, do):
-    qr, kr, v, qd, kd, q_meta, k_meta, o, stats = res
-    bwd = lambda *a: _backward_chunk(*a[:5], a[5:7], a[7:10], *a[10:])
-    grads = _map_chunks(bwd, n_chunks, qr, kr, v, qd, kd, *q_meta, *k_meta, o, *stats, do)
-    return (*grads, None, None)
+def _attend_bwd(n_chunks, res, do_NxQx3):
+    qr, kr, v, qd, kd, q_meta, k_meta, o, (m, inv_norm) = res
+    bwd = lambda *a: _backward_chunk(*a)
+    grads = _map_chunks(bwd, n_chunks, qr, kr, v, qd, kd, q_meta, k_meta, o, m, inv_norm, do_NxQx3, _planes(do_NxQx3))
+    return (*(_planes(g) for g in grads), None, None)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -157,16 +165,19 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 def geometric_softmax(
     q_rot_NxQx3, k_rot_NxKx3, value_NxKx3, q_dist_NxQx3, k_dist_NxKx3,
     q_sequence_id_NxQ, k_sequence_id_NxK, q_chain_id_NxQ, k_chain_id_NxK, key_has_frame_NxK,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ):
     """o (N, Q, 3) = softmax_k(<qr, kr> - |qd - kd| + bias) @ v, over N independent (batch, head) rows.
 
     All vector inputs fp32 in the global frame, scales already folded in (module docstring).
+    chunk_bytes bounds one (rows, Q, K) fp32 block; None: `default_chunk_bytes` of the default backend.
     """
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    if chunk_bytes is None:
+        chunk_bytes = default_chunk_bytes(jax.default_backend())
+    planes = lambda a: _planes(jnp.asarray(a, jnp.float32))
     n, q, k = q_rot_NxQx3.shape[0], q_rot_NxQx3.shape[1], k_rot_NxKx3.shape[1]
     n_chunks = n // _chunk_size(n, q, k, chunk_bytes)
     return _attend(
-        f32(q_rot_NxQx3), f32(k_rot_NxKx3), f32(value_NxKx3), f32(q_dist_NxQx3), f32(k_dist_NxKx3),
+        planes(q_rot_NxQx3), planes(k_rot_NxKx3), planes(value_NxKx3), planes(q_dist_NxQx3), planes(k_dist_NxKx3),
         (q_sequence_id_NxQ, q_chain_id_NxQ), (k_sequence_id_NxK, k_chain_id_NxK, key_has_frame_NxK), n_chunks,
     )

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding
 
 from esm3_jax.config import Config, load_config
 from esm3_jax.flops import train_flops_per_token
+from esm3_jax.model import geom_kernel
 from esm3_jax.model.esm3 import ESM3
 from esm3_jax.train import optim, sharding as shd, state as state_lib, step as step_lib
 
@@ -126,6 +127,10 @@ def abstract_batch(cfg: Config, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def _compile(cfg: Config, devices, dump_dir: str | None = None) -> Any:
+    if not cfg.model.geom_chunk_bytes:
+        # The kernel's default follows the default backend, the CPU here; compile the TPU's.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, geom_chunk_bytes=geom_kernel.default_chunk_bytes(devices[0].platform)))
     mesh = shd.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rules.as_flax_rules()
     model = ESM3(cfg.model)
