@@ -15,7 +15,6 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from esm3_jax import tokens
 from esm3_jax.train.config import TRACKS
@@ -48,10 +47,18 @@ def loss_counts(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def _categorical(logits_BxLx_V: jax.Array, target: jax.Array, mask: jax.Array):
-    """Sum of CE and of correct argmax predictions over the positions in `mask`."""
-    logits = logits_BxLx_V.astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
-    correct = jnp.argmax(logits, axis=-1) == target
+    """Sum of CE and of correct predictions over the positions in `mask`.
+
+    A prediction is correct when the target's logit is the largest (a tie counts as correct).
+    That reuses the softmax's max instead of an argmax, a variadic reduce that XLA:CPU does not
+    vectorise: 4x the cost of the whole loss for the 4096-way structure head.
+    """
+    x = logits_BxLx_V.astype(jnp.float32)
+    m = jax.lax.stop_gradient(jnp.max(x, axis=-1))
+    log_normaliser = m + jnp.log(jnp.sum(jnp.exp(x - m[..., None]), axis=-1))
+    x_target = jnp.take_along_axis(x, target[..., None], axis=-1)[..., 0]
+    ce = log_normaliser - x_target
+    correct = x_target >= m
     mask_f = mask.astype(jnp.float32)
     return jnp.sum(ce * mask_f), jnp.sum(correct * mask_f)
 
