@@ -222,3 +222,19 @@ def test_losses_on_a_real_backbone():
     assert fape(mirrored) > 0.3
     assert 0.05 < fape(true + 0.5 * jax.random.normal(jax.random.PRNGKey(1), true.shape)) < fape(mirrored)
     assert float(VL.plddt_loss(jnp.zeros((1, L, 50)).at[..., 49].set(100.0), true, true, mask)) < 1e-3
+
+
+def test_decoder_frames_follow_the_loss_frame_convention():
+    """FAPE and pAE see the decoder's atoms from its own (rot, trans) and the truth's from frames
+    built out of its backbone: both must be the same frame of the same atoms, or the losses would
+    compare points in two different coordinate systems."""
+    from esm3_jax.model.frames import backbone_frames
+    from esm3_jax.model.structure_heads import FrameHead
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 32))
+    head = FrameHead(32)
+    out = head.apply(head.init(jax.random.PRNGKey(1), x), x)
+    rot, trans, _ = backbone_frames(out["backbone"])
+    np.testing.assert_allclose(rot, out["rot"], atol=1e-5)
+    np.testing.assert_allclose(trans, out["trans"], atol=1e-5)
+    assert float(VL.backbone_fape_loss(out["rot"], out["trans"], out["backbone"], out["backbone"], jnp.ones((2, 7), bool))) < 1e-4
