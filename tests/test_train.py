@@ -241,3 +241,5 @@ def test_bad_config_fails_before_anything_expensive(capsys):
     assert "warmup_steps=5000 must be smaller than train.steps" in capsys.readouterr().err
     assert cli_main(["train", "--config", str(REPO / "configs" / "tiny.yaml"), "mesh.rules.mlp=[tensr]"]) == 2
     assert "unknown mesh axis 'tensr'" in capsys.readouterr().err
+    assert cli_main(["train", "--config", str(REPO / "configs" / "tiny.yaml"), "train.cpu_matmul=mkl"]) == 2
+    assert "train.cpu_matmul must be one of eigen, ynn, got 'mkl'" in capsys.readouterr().err

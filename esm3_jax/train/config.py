@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from esm3_jax import cpu_matmul
 from esm3_jax.data.config import DatasetSpec
 
 # The tracks that carry a loss, in the order metrics are reported (the batch contract's names).
@@ -70,6 +71,9 @@ class TrainConfig:
     profile_steps: tuple[int, ...] = ()
     # Peak dense bf16 FLOP/s of one device for the MFU readout; 0 looks the device kind up.
     peak_flops_per_device: float = 0.0
+    # The library XLA:CPU runs the step's plain matmuls with: "eigen" (measured faster on the
+    # development machine) or "ynn" (XLA's default); esm3_jax/cpu_matmul.py. Ignored off the CPU.
+    cpu_matmul: str = "eigen"
     wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
     wandb_project: str = "esm3-jax"
     progress_bar: bool = True
@@ -123,6 +127,8 @@ class TrainConfig:
             raise ValueError("train.eval_every is set but train.eval_datasets is empty: name the held-out split")
         if not self.output_dir:
             raise ValueError("train.output_dir must not be empty")
+        if self.cpu_matmul not in cpu_matmul.LIBRARIES:
+            raise ValueError(f"train.cpu_matmul must be one of {', '.join(cpu_matmul.LIBRARIES)}, got {self.cpu_matmul!r}")
         self.loss_weights.validate()
 
 

@@ -201,13 +201,13 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(model, tx, loss_weights=tc.loss_weights.as_dict(),
                                  grad_accum_steps=tc.grad_accum_steps, mesh=mesh, rules=rules),
-        state_sh, batch_sh, mesh, rules)
+        state_sh, batch_sh, mesh, rules, cpu_matmul=tc.cpu_matmul)
     t0 = time.time()
     first_batch = shd.global_batch(first_local, batch_sh, rows)
     compiled = train_step.lower(state, first_batch).compile()
     eval_step = None
     if tc.eval_every:
-        eval_step = step_lib.make_eval_step(model, state_sh.params, batch_sh, mesh, rules)
+        eval_step = step_lib.make_eval_step(model, state_sh.params, batch_sh, mesh, rules, cpu_matmul=tc.cpu_matmul)
         eval_step = eval_step.lower(state.params, first_batch).compile()
     say(f"  compiled in {time.time() - t0:.1f}s")
     distributed.barrier("esm3_jax_train_compiled")

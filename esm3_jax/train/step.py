@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from esm3_jax import cpu_matmul as cpu_matmul_lib
 from esm3_jax.train import loss as loss_lib
 from esm3_jax.train import sharding as shd
 from esm3_jax.train.state import MODEL_INPUT_KEYS, TrainState
@@ -107,18 +108,22 @@ def _schedule_follows_step(kept, new):
     return jax.tree.map(lambda k, n: n if is_schedule(k) else k, kept, new, is_leaf=is_schedule)
 
 
-def jit_train_step(step_fn, state_shardings, batch_shardings, mesh: Mesh, rules):
-    """jit with explicit in/out shardings and the state donated: the old state's buffers are reused."""
+def jit_train_step(step_fn, state_shardings, batch_shardings, mesh: Mesh, rules, cpu_matmul: str = "eigen"):
+    """jit with explicit in/out shardings and the state donated: the old state's buffers are reused.
+
+    cpu_matmul: the library XLA:CPU runs plain matmuls with (`esm3_jax.cpu_matmul`).
+    """
     jitted = jax.jit(
         step_fn,
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, NamedSharding(mesh, P())),
         donate_argnums=(0,),
+        compiler_options=cpu_matmul_lib.compiler_options(_platform(mesh), cpu_matmul),
     )
     return InContext(jitted, mesh, rules)
 
 
-def make_eval_step(model: nn.Module, params_shardings, batch_shardings, mesh: Mesh, rules):
+def make_eval_step(model: nn.Module, params_shardings, batch_shardings, mesh: Mesh, rules, cpu_matmul: str = "eigen"):
     """`(params, batch) -> per-track (loss sum, correct sum) and counts`, for NLL over many batches."""
 
     def eval_step(params, batch):
@@ -126,8 +131,13 @@ def make_eval_step(model: nn.Module, params_shardings, batch_shardings, mesh: Me
         return loss_lib.track_sums(outputs, batch), loss_lib.loss_counts(batch)
 
     jitted = jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings),
-                     out_shardings=NamedSharding(mesh, P()))
+                     out_shardings=NamedSharding(mesh, P()),
+                     compiler_options=cpu_matmul_lib.compiler_options(_platform(mesh), cpu_matmul))
     return InContext(jitted, mesh, rules)
+
+
+def _platform(mesh: Mesh) -> str:
+    return mesh.devices.flat[0].platform
 
 
 class InContext:
