@@ -185,11 +185,9 @@ def synthetic_train_batch(batch: int, length: int, mask_rate: float = 0.3, seed:
     return out
 
 
-def bench_train_step(config: str, batch: int, length: int, steps: int, overrides: tuple[str, ...] = (),
-                     peak: float | None = None, verbose: bool = True) -> dict:
-    """Time the real jitted train step (all tracks, all heads, geometric attention) on one device."""
+def _compiled_train_step(config: str, overrides: tuple[str, ...], batch: int, length: int) -> dict:
+    """The real jitted train step on one device, compiled and run twice (untimed), with its state and batch."""
     from esm3_jax.config import load_config
-    from esm3_jax.flops import train_flops_per_token
     from esm3_jax.model.esm3 import ESM3
     from esm3_jax.train import sharding as shd
     from esm3_jax.train.optim import make_optimizer
@@ -197,14 +195,11 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
     from esm3_jax.train.step import jit_train_step, make_train_step
 
     cfg = load_config(resolve_config_path(config), list(overrides))
-    mcfg = cfg.model
-    dtype = jnp.dtype(mcfg.dtype).name
-    measure_peak = peak is None
     mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
     rules = cfg.mesh.rules.as_flax_rules()
-    model = ESM3(mcfg)
+    model = ESM3(cfg.model)
     tx = make_optimizer(cfg.train)
-    abstract, shardings = state_shardings(model, tx, mesh, rules)
+    _, shardings = state_shardings(model, tx, mesh, rules)
     state = create_state(model, tx, 0, shardings)
     host = synthetic_train_batch(batch, length)
     bsh = shd.batch_shardings(host, mesh, rules)
@@ -220,48 +215,95 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
     # One untimed step more: the first run after compiling also faults in the temporaries' pages.
     state, m = step(state, x)
     jax.block_until_ready(m)
+    return dict(cfg=cfg, step=step, state=state, x=x, compile_s=compile_s, times=[], loss=float(m["loss"]))
+
+
+def bench_train_step(config: str, batch: int, length: int, steps: int, overrides: tuple[str, ...] = (),
+                     peak: float | None = None, verbose: bool = True, against: tuple[str, ...] | None = None) -> dict:
+    """Time the real jitted train step (all tracks, all heads, geometric attention) on one device.
+
+    `against`: more overrides for a second step, compiled alongside and timed in alternation with
+    the first (one step each per round), so that both see the same machine; its result is
+    returned under "against". A shared VM's speed drifts by 10-35% within minutes, more than most
+    changes worth measuring.
+    """
+    from esm3_jax.flops import train_flops_per_token
+
+    variants = {"run": tuple(overrides)}
+    if against is not None:
+        variants["against"] = tuple(overrides) + tuple(against)
+    runs = {name: _compiled_train_step(config, ov, batch, length) for name, ov in variants.items()}
+    cfg = runs["run"]["cfg"]
+    mcfg = cfg.model
+    dtype = jnp.dtype(mcfg.dtype).name
+    measure_peak = peak is None
     tokens = batch * length
     flops = train_flops_per_token(mcfg, length) * tokens
-    # The matmul rate is measured before the first step and after every step: a shared VM's speed
-    # drifts by 10-20% within minutes, so each step is held against the faster of the two rates
-    # measured next to it, and the run's best rate gives the most conservative figure too.
-    peaks = [matmul_peak_flops(dtype)] if measure_peak else []
-    times = []
+    # The matmul rate is measured before the first round and after every round, and each step is
+    # held against the faster of the two rates measured next to it; the run's best rate gives the
+    # most conservative figure too.
+    best_by_library: dict[str, float] = {}
+
+    def measure() -> float:
+        rates = matmul_rates(dtype)
+        for lib, rate in rates.items():
+            best_by_library[lib] = max(best_by_library.get(lib, 0.0), rate)
+        return max(rates.values())
+
+    peaks = [measure()] if measure_peak else []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = step(state, x)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+        for r in runs.values():
+            t0 = time.perf_counter()
+            r["state"], m = r["step"](r["state"], r["x"])
+            jax.block_until_ready(m)
+            r["times"].append(time.perf_counter() - t0)
+            r["loss"] = float(m["loss"])
         if measure_peak:
-            peaks.append(matmul_peak_flops(dtype))
-    sec = float(np.median(times))
+            peaks.append(measure())
     if measure_peak:
         peak = max(peaks)
-        mfu = float(np.median([flops / t / max(a, b) for t, a, b in zip(times, peaks, peaks[1:])]))
-    else:
-        mfu = flops / sec / peak
-    r = dict(step_s=sec, tokens_per_s=tokens / sec, flops_per_step=flops, mfu=mfu, mfu_vs_best_peak=flops / sec / peak,
-             peak=peak, compile_s=compile_s, loss=float(m["loss"]))
+    results = {}
+    for name, r in runs.items():
+        times = r["times"]
+        sec = float(np.median(times))
+        if measure_peak:
+            mfu = float(np.median([flops / t / max(a, b) for t, a, b in zip(times, peaks, peaks[1:])]))
+        else:
+            mfu = flops / sec / peak
+        results[name] = dict(step_s=sec, tokens_per_s=tokens / sec, flops_per_step=flops, mfu=mfu,
+                             mfu_vs_best_peak=flops / sec / peak, peak=peak, compile_s=r["compile_s"], loss=r["loss"])
     if verbose:
+        platform = jax.devices()[0].platform
         print(f"config {config}: d_model {mcfg.d_model}, {mcfg.n_layers} layers, {mcfg.param_count():,} params; "
               f"batch {batch} x {length}, {dtype}, remat {mcfg.remat}, scan_layers {mcfg.scan_layers}, "
-              f"{jax.devices()[0].platform}, host allocator {allocator.active()}")
+              f"{platform}, host allocator {allocator.active()}")
         if measure_peak:
-            print(f"matmul rate (XLA, {dtype}, 2048^3, the faster library{' of Eigen and YNNPACK' if jax.default_backend() == 'cpu' else ''}), "
-                  f"measured before the steps and after each: "
-                  f"{min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f} GFLOP/s")
+            libs = ", ".join(f"{lib} {rate / 1e9:.1f}" for lib, rate in best_by_library.items())
+            print(f"matmul rate (XLA, {dtype}, 2048^3, the fastest library), measured before the steps and after "
+                  f"each round: {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f} GFLOP/s (best per library: {libs})")
         else:
             print(f"matmul peak (given): {peak / 1e9:.1f} GFLOP/s")
         print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP (6N-style analytic count incl. attention)")
-        print(f"train step: {sec * 1e3:.0f} ms (median of {steps}, compile {compile_s:.1f} s), "
-              f"{tokens / sec:.0f} tokens/s, {flops / sec / 1e9:.1f} GFLOP/s"
-              + (f"; plain matmuls through {cfg.train.cpu_matmul}" if jax.default_backend() == "cpu" else ""))
-        if measure_peak:
-            print(f"MFU {100 * mfu:.1f}% (median over the steps, each against the faster matmul rate measured "
-                  f"next to it); {100 * flops / sec / peak:.1f}% against the run's best rate")
-        else:
-            print(f"MFU {100 * mfu:.1f}%")
-    return r
+        for name, res in results.items():
+            label = "train step"
+            if against is not None:
+                label = f"train step [{' '.join(variants[name]) or 'as configured'}]"
+            matmuls = f"; plain matmuls through {runs[name]['cfg'].train.cpu_matmul}" if platform == "cpu" else ""
+            print(f"{label}: {res['step_s'] * 1e3:.0f} ms (median of {steps}, compile {res['compile_s']:.1f} s), "
+                  f"{res['tokens_per_s']:.0f} tokens/s, {flops / res['step_s'] / 1e9:.1f} GFLOP/s{matmuls}")
+            if measure_peak:
+                print(f"  MFU {100 * res['mfu']:.1f}% (median over the steps, each against the faster matmul rate "
+                      f"measured next to it); {100 * res['mfu_vs_best_peak']:.1f}% against the run's best rate")
+            else:
+                print(f"  MFU {100 * res['mfu']:.1f}%")
+        if against is not None:
+            print(f"step time, [{' '.join(variants['against'])}] / [{' '.join(variants['run']) or 'as configured'}]: "
+                  f"{results['against']['step_s'] / results['run']['step_s']:.3f} (medians); per round: "
+                  + " ".join(f"{b / a:.3f}" for a, b in zip(runs["run"]["times"], runs["against"]["times"])))
+    out = results["run"]
+    if against is not None:
+        out["against"] = results["against"]
+    return out
 
 
 def bench_data(data_dir: str, config: str, n_batches: int) -> dict:
@@ -294,6 +336,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--length", type=int, default=512)
     t.add_argument("--steps", type=int, default=5)
+    t.add_argument("--against", nargs="+", metavar="KEY=VALUE",
+                   help="also time a step with these overrides, alternating with the first in one process")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. model.remat=full")
     v = sub.add_parser("vqvae", help="VQ-VAE encoding and decoding vs the reference (residues/s, ratios)")
     v.add_argument("--chains", type=int, default=8)
@@ -309,7 +353,8 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.what == "forward":
         bench_forward(args.config, args.batch, args.length, args.repeats, not args.no_reference)
     elif args.what == "train-step":
-        bench_train_step(args.config, args.batch, args.length, args.steps, tuple(args.overrides))
+        bench_train_step(args.config, args.batch, args.length, args.steps, tuple(args.overrides),
+                         against=tuple(args.against) if args.against else None)
     elif args.what == "vqvae":
         from esm3_jax.bench_vqvae import bench_vqvae
 

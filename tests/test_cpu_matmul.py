@@ -78,3 +78,13 @@ def test_train_step_compiles_its_matmuls_for_eigen():
 def test_matmul_rates_cover_both_libraries():
     rates = bench.matmul_rates(n=256, repeats=2)
     assert set(rates) == set(cpu_matmul.LIBRARIES) and all(r > 0 for r in rates.values())
+
+
+def test_bench_times_two_variants_side_by_side_and_they_train_alike():
+    r = bench.bench_train_step("tiny", batch=2, length=32, steps=2, overrides=("model.n_layers=1",),
+                               verbose=False, against=("train.cpu_matmul=ynn",), peak=1e11)
+    for res in (r, r["against"]):
+        assert res["step_s"] > 0 and 0 < res["mfu"] and np.isfinite(res["loss"])
+        assert res["flops_per_step"] == r["flops_per_step"] and res["peak"] == r["peak"]
+    # Same init, same batch, same number of steps: the two matmul libraries differ only in rounding.
+    np.testing.assert_allclose(r["against"]["loss"], r["loss"], rtol=1e-4)
