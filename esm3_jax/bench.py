@@ -122,7 +122,7 @@ def bench_forward(config: str, batch: int, length: int, repeats: int, reference:
         params = nn.unbox(init_params(cfg, jax.random.key(0)))
     model = ESM3(cfg)
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, **x),
-                  compiler_options=cpu_matmul.compiler_options(jax.default_backend(), "eigen"))
+                  compiler_options=cpu_matmul.compiler_options(jax.default_backend(), cpu_matmul.DEFAULT))
     x = {k: jnp.asarray(v) for k, v in inputs.items()}
     t_compile = time.perf_counter()
     ours = jax.tree.map(np.asarray, fwd(params, x))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esm3_jax import cpu_matmul
 from esm3_jax import tokens as T
 from esm3_jax.config import model_config_from_dict
 from esm3_jax.model.config import ModelConfig
@@ -104,7 +105,8 @@ def load_esm3(checkpoint: str | Path, compute_dtype: str | None = None) -> tuple
 def make_forward(cfg: ModelConfig):
     """A jitted `(params, inputs) -> outputs`; absent inputs are left out (compiled per key set)."""
     model = ESM3(cfg)
-    return jax.jit(lambda params, inputs: model.apply({"params": params}, **inputs))
+    return jax.jit(lambda params, inputs: model.apply({"params": params}, **inputs),
+                   compiler_options=cpu_matmul.compiler_options(jax.default_backend(), cpu_matmul.DEFAULT))
 
 
 def forward(cfg: ModelConfig, params: Any, inputs: dict[str, np.ndarray], batch_size: int | None = None) -> dict[str, np.ndarray]:

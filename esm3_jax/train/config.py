@@ -73,7 +73,7 @@ class TrainConfig:
     peak_flops_per_device: float = 0.0
     # The library XLA:CPU runs the step's plain matmuls with: "eigen" (measured faster on the
     # development machine) or "ynn" (XLA's default); esm3_jax/cpu_matmul.py. Ignored off the CPU.
-    cpu_matmul: str = "eigen"
+    cpu_matmul: str = cpu_matmul.DEFAULT
     wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
     wandb_project: str = "esm3-jax"
     progress_bar: bool = True

@@ -108,7 +108,7 @@ def _schedule_follows_step(kept, new):
     return jax.tree.map(lambda k, n: n if is_schedule(k) else k, kept, new, is_leaf=is_schedule)
 
 
-def jit_train_step(step_fn, state_shardings, batch_shardings, mesh: Mesh, rules, cpu_matmul: str = "eigen"):
+def jit_train_step(step_fn, state_shardings, batch_shardings, mesh: Mesh, rules, cpu_matmul: str = cpu_matmul_lib.DEFAULT):
     """jit with explicit in/out shardings and the state donated: the old state's buffers are reused.
 
     cpu_matmul: the library XLA:CPU runs plain matmuls with (`esm3_jax.cpu_matmul`).
@@ -123,7 +123,7 @@ def jit_train_step(step_fn, state_shardings, batch_shardings, mesh: Mesh, rules,
     return InContext(jitted, mesh, rules)
 
 
-def make_eval_step(model: nn.Module, params_shardings, batch_shardings, mesh: Mesh, rules, cpu_matmul: str = "eigen"):
+def make_eval_step(model: nn.Module, params_shardings, batch_shardings, mesh: Mesh, rules, cpu_matmul: str = cpu_matmul_lib.DEFAULT):
     """`(params, batch) -> per-track (loss sum, correct sum) and counts`, for NLL over many batches."""
 
     def eval_step(params, batch):
