@@ -215,7 +215,7 @@ def _compiled_train_step(config: str, overrides: tuple[str, ...], batch: int, le
     # One untimed step more: the first run after compiling also faults in the temporaries' pages.
     state, m = step(state, x)
     jax.block_until_ready(m)
-    return dict(cfg=cfg, step=step, state=state, x=x, compile_s=compile_s, times=[], loss=float(m["loss"]))
+    return dict(cfg=cfg, step=step, state=state, metrics=m, x=x, compile_s=compile_s, times=[])
 
 
 def bench_train_step(config: str, batch: int, length: int, steps: int, overrides: tuple[str, ...] = (),
@@ -232,6 +232,7 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
     variants = {"run": tuple(overrides)}
     if against is not None:
         variants["against"] = tuple(overrides) + tuple(against)
+    labels = {name: " ".join(ov) or "as configured" for name, ov in variants.items()}
     runs = {name: _compiled_train_step(config, ov, batch, length) for name, ov in variants.items()}
     cfg = runs["run"]["cfg"]
     mcfg = cfg.model
@@ -254,10 +255,9 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
     for _ in range(steps):
         for r in runs.values():
             t0 = time.perf_counter()
-            r["state"], m = r["step"](r["state"], r["x"])
-            jax.block_until_ready(m)
+            r["state"], r["metrics"] = r["step"](r["state"], r["x"])
+            jax.block_until_ready(r["metrics"])
             r["times"].append(time.perf_counter() - t0)
-            r["loss"] = float(m["loss"])
         if measure_peak:
             peaks.append(measure())
     if measure_peak:
@@ -271,7 +271,8 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
         else:
             mfu = flops / sec / peak
         results[name] = dict(step_s=sec, tokens_per_s=tokens / sec, flops_per_step=flops, mfu=mfu,
-                             mfu_vs_best_peak=flops / sec / peak, peak=peak, compile_s=r["compile_s"], loss=r["loss"])
+                             mfu_vs_best_peak=flops / sec / peak, peak=peak, compile_s=r["compile_s"],
+                             loss=float(r["metrics"]["loss"]))
     if verbose:
         platform = jax.devices()[0].platform
         print(f"config {config}: d_model {mcfg.d_model}, {mcfg.n_layers} layers, {mcfg.param_count():,} params; "
@@ -285,9 +286,7 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
             print(f"matmul peak (given): {peak / 1e9:.1f} GFLOP/s")
         print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP (6N-style analytic count incl. attention)")
         for name, res in results.items():
-            label = "train step"
-            if against is not None:
-                label = f"train step [{' '.join(variants[name]) or 'as configured'}]"
+            label = "train step" if against is None else f"train step [{labels[name]}]"
             matmuls = f"; plain matmuls through {runs[name]['cfg'].train.cpu_matmul}" if platform == "cpu" else ""
             print(f"{label}: {res['step_s'] * 1e3:.0f} ms (median of {steps}, compile {res['compile_s']:.1f} s), "
                   f"{res['tokens_per_s']:.0f} tokens/s, {flops / res['step_s'] / 1e9:.1f} GFLOP/s{matmuls}")
@@ -297,7 +296,7 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
             else:
                 print(f"  MFU {100 * res['mfu']:.1f}%")
         if against is not None:
-            print(f"step time, [{' '.join(variants['against'])}] / [{' '.join(variants['run']) or 'as configured'}]: "
+            print(f"step time, [{labels['against']}] / [{labels['run']}]: "
                   f"{results['against']['step_s'] / results['run']['step_s']:.3f} (medians); per round: "
                   + " ".join(f"{b / a:.3f}" for a, b in zip(runs["run"]["times"], runs["against"]["times"])))
     out = results["run"]
