@@ -9,10 +9,17 @@ sqrt3 into both point sets, so that |a q - a k| = a |q - k| carries the distance
 Written with jnp einsums and left to autodiff, XLA materialises about twenty (heads, L, L) tensors
 in the forward and backward passes (broadcast distance terms, the bias per head, the softmax and
 its gradient pieces), and the sublayer is memory-bound. Here the logits are recomputed elementwise
-from the O(L) vectors wherever they are needed, and the backward pass is written out: a "query
-grid" pass yields the query gradients and a pass over the transposed "key grid" the key and value
-gradients, each ending in plain row-major matmuls (K=L contractions). Only the softmax statistics
-per query are kept from the forward pass, as in flash attention.
+from the O(L) vectors wherever they are needed, and the backward pass is written out: one pass
+over the (Q, K) grid yields the softmax gradient, and every input gradient is a contraction of it
+with an O(L) vector. Only the softmax statistics per query are kept from the forward pass, as in
+flash attention.
+
+Every contraction with a coordinate is spelled as its own matrix-vector product, (Q, K) @ (K,)
+over keys or (Q,) @ (Q, K) over queries, both with the grid untransposed: XLA:CPU emits these as
+tight vectorised loops, where a (Q, K) @ (K, 3) matmul goes to a general GEMM that first packs
+the whole grid into panels (measured on the small shape: the sublayer's fwd+bwd 1.1 s with a
+second, transposed grid pass and (K, 3) matmuls; 0.85 s with one grid pass; 0.67 s with one grid
+pass and matrix-vector products).
 
 Work is split over chunks of the flattened batch x head axis (`lax.map`), so only a few
 (chunk, Q, K) blocks are alive at once: this bounds memory at long lengths and, with small blocks
@@ -35,7 +42,7 @@ import jax.numpy as jnp
 _NEG = float(jnp.finfo(jnp.float32).min)
 # Inside the square root: keeps the distance's gradient finite when two points coincide.
 _DIST_EPS = 1e-12
-# Upper bound on one (chunk, Q, K) fp32 block; the backward pass holds about four of them.
+# Upper bound on one (chunk, Q, K) fp32 block; the backward pass holds about five of them.
 # CPU: one row of a 512 x 512 grid, small enough to stay in the core's cache (the small config's
 # sublayer: 2.4 s fwd+bwd unchunked, 0.47 s in 1 MiB blocks, 0.77 s in 4 MiB; BENCHMARKS.md).
 # Elsewhere: large blocks, to give each kernel launch enough work; a bound on memory only.
@@ -76,9 +83,14 @@ def _sides(qr, kr, qd, kd, q_meta, k_meta):
     return q, k
 
 
-def _stack(planes):
-    """(N, len, 3) from three planes: the operand layout of the K=len matmuls."""
-    return jnp.stack(planes, axis=-1)
+def _over_keys(grid_NxQxK, vectors):
+    """[grid @ x for x in vectors]: each x (N, K), each result (N, Q)."""
+    return [jnp.einsum("nqk,nk->nq", grid_NxQxK, x) for x in vectors]
+
+
+def _over_queries(vectors, grid_NxQxK):
+    """[x @ grid for x in vectors]: each x (N, Q), each result (N, K)."""
+    return [jnp.einsum("nq,nqk->nk", x, grid_NxQxK) for x in vectors]
 
 
 def _forward_chunk(qr, kr, v, qd, kd, q_meta, k_meta):
@@ -86,11 +98,8 @@ def _forward_chunk(qr, kr, v, qd, kd, q_meta, k_meta):
     s_NxQxK, _ = _grid(q, k, key_is_col=True)
     m_NxQ = jnp.max(s_NxQxK, axis=-1)
     e_NxQxK = jnp.exp(s_NxQxK - m_NxQ[..., None])
-    # One matmul gives both the weighted values and the softmax normaliser (the ones column).
-    v1_NxKx4 = _stack((*v, jnp.ones_like(v[0])))
-    acc_NxQx4 = jnp.einsum("nqk,nkc->nqc", e_NxQxK, v1_NxKx4)
-    norm_NxQ = acc_NxQx4[..., 3]
-    o_NxQx3 = acc_NxQx4[..., :3] / norm_NxQ[..., None]
+    *acc, norm_NxQ = _over_keys(e_NxQxK, (*v, jnp.ones_like(v[0])))
+    o_NxQx3 = jnp.stack(acc, axis=-1) / norm_NxQ[..., None]
     # Max and normaliser are kept apart, not as one log-sum-exp: in a row whose every key is
     # blocked, m is the most negative float and m + log(norm) would round back to m.
     return o_NxQx3, (m_NxQ, 1.0 / norm_NxQ)
@@ -99,24 +108,22 @@ def _forward_chunk(qr, kr, v, qd, kd, q_meta, k_meta):
 def _backward_chunk(qr, kr, v, qd, kd, q_meta, k_meta, o_NxQx3, m_NxQ, inv_norm_NxQ, do_NxQx3, do):
     q, k = _sides(qr, kr, qd, kd, q_meta, k_meta)
     delta_NxQ = jnp.sum(do_NxQx3 * o_NxQx3, axis=-1)
-
-    # Query grid: gradients of the query directions and points (reductions over keys).
     s, dist = _grid(q, k, key_is_col=True)
     p = jnp.exp(s - m_NxQ[:, :, None]) * inv_norm_NxQ[:, :, None]
     ds = p * (_outer_dot(do, v) - delta_NxQ[:, :, None])
-    g = ds / dist  # ds/d(dist) = -1, d(dist)/d(qd) = (qd - kd)/dist
-    d_qr = jnp.einsum("nqk,nkc->nqc", ds, _stack(kr))
-    d_qd = jnp.einsum("nqk,nkc->nqc", g, _stack(kd)) - jnp.sum(g, axis=-1)[..., None] * _stack(qd)
-
-    # Key grid (the transpose, recomputed rather than transposed): key and value gradients.
-    sT, distT = _grid(k, q, key_is_col=False)
-    pT = jnp.exp(sT - m_NxQ[:, None, :]) * inv_norm_NxQ[:, None, :]
-    dsT = pT * (_outer_dot(v, do) - delta_NxQ[:, None, :])
-    gT = dsT / distT
-    d_v = jnp.einsum("nkq,nqc->nkc", pT, do_NxQx3)
-    d_kr = jnp.einsum("nkq,nqc->nkc", dsT, _stack(qr))
-    d_kd = jnp.einsum("nkq,nqc->nkc", gT, _stack(qd)) - jnp.sum(gT, axis=-1)[..., None] * _stack(kd)
-    return d_qr, d_kr, d_v, d_qd, d_kd
+    # d(-dist)/d(qd) = -(qd - kd)/dist and d(-dist)/d(kd) = (qd - kd)/dist: both go through g.
+    g = ds / dist
+    ones_q, ones_k = jnp.ones_like(qd[0]), jnp.ones_like(kd[0])
+    # Queries' gradients: reductions over keys.
+    d_qr = _over_keys(ds, kr)
+    *g_kd, g_rows = _over_keys(g, (*kd, ones_k))
+    d_qd = [g_kd[c] - g_rows * qd[c] for c in range(3)]
+    # Keys' and values' gradients: reductions over queries, from the same grids.
+    d_v = _over_queries(do, p)
+    d_kr = _over_queries(qr, ds)
+    *g_qd, g_cols = _over_queries((*qd, ones_q), g)
+    d_kd = [g_qd[c] - g_cols * kd[c] for c in range(3)]
+    return tuple(map(tuple, (d_qr, d_kr, d_v, d_qd, d_kd)))
 
 
 def _chunk_size(n: int, q: int, k: int, chunk_bytes: int) -> int:
@@ -156,7 +163,7 @@ def _attend_bwd(n_chunks, res, do_NxQx3):
     qr, kr, v, qd, kd, q_meta, k_meta, o, (m, inv_norm) = res
     bwd = lambda *a: _backward_chunk(*a)
     grads = _map_chunks(bwd, n_chunks, qr, kr, v, qd, kd, q_meta, k_meta, o, m, inv_norm, do_NxQx3, _planes(do_NxQx3))
-    return (*(_planes(g) for g in grads), None, None)
+    return (*grads, None, None)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
