@@ -17,9 +17,9 @@ flash attention.
 Every contraction with a coordinate is spelled as its own matrix-vector product, (Q, K) @ (K,)
 over keys or (Q,) @ (Q, K) over queries, both with the grid untransposed: XLA:CPU emits these as
 tight vectorised loops, where a (Q, K) @ (K, 3) matmul goes to a general GEMM that first packs
-the whole grid into panels (measured on the small shape: the sublayer's fwd+bwd 1.1 s with a
-second, transposed grid pass and (K, 3) matmuls; 0.85 s with one grid pass; 0.67 s with one grid
-pass and matrix-vector products).
+the whole grid into panels. Measured on the small shape (8 x 64 heads x 512 x 512, fwd+bwd, two
+cores): 1.1 s with a second, transposed grid pass and (K, 3) matmuls, 0.85 s with one grid pass,
+0.67 s with one grid pass and matrix-vector products; one core: 1.31 s -> 0.74 s (BENCHMARKS.md).
 
 Work is split over chunks of the flattened batch x head axis (`lax.map`), so only a few
 (chunk, Q, K) blocks are alive at once: this bounds memory at long lengths and, with small blocks
