@@ -14,12 +14,13 @@ over the (Q, K) grid yields the softmax gradient, and every input gradient is a 
 with an O(L) vector. Only the softmax statistics per query are kept from the forward pass, as in
 flash attention.
 
-Every contraction with a coordinate is spelled as its own matrix-vector product, (Q, K) @ (K,)
-over keys or (Q,) @ (Q, K) over queries, both with the grid untransposed: XLA:CPU emits these as
-tight vectorised loops, where a (Q, K) @ (K, 3) matmul goes to a general GEMM that first packs
-the whole grid into panels. Measured on the small shape (8 x 64 heads x 512 x 512, fwd+bwd, two
-cores): 1.1 s with a second, transposed grid pass and (K, 3) matmuls, 0.85 s with one grid pass,
-0.67 s with one grid pass and matrix-vector products; one core: 1.31 s -> 0.74 s (BENCHMARKS.md).
+The contractions with the O(L) vectors are skinny matmuls with the grid untransposed: (Q, K) @
+(K, c) over keys, (c, Q) @ (Q, K) over queries, with a ones column or row where a gradient also
+needs the grid's row or column sums. Measured on the small shape (8 x 64 heads x 512 x 512,
+fwd+bwd): 1.1 s with a second, transposed grid pass, 0.75-0.85 s with one pass (BENCHMARKS.md).
+One matrix-vector product per coordinate was faster still for the kernel alone (0.74 against
+0.86 s on one core), but the two-core train step was slower with it, in 6 of 8 alternating
+rounds (presumably as Eigen splits a GEMM over both cores and XLA runs a matrix-vector loop on one).
 
 Work is split over chunks of the flattened batch x head axis (`lax.map`), so only a few
 (chunk, Q, K) blocks are alive at once: this bounds memory at long lengths and, with small blocks
@@ -84,13 +85,15 @@ def _sides(qr, kr, qd, kd, q_meta, k_meta):
 
 
 def _over_keys(grid_NxQxK, vectors):
-    """[grid @ x for x in vectors]: each x (N, K), each result (N, Q)."""
-    return [jnp.einsum("nqk,nk->nq", grid_NxQxK, x) for x in vectors]
+    """[grid @ x for x in vectors], as one (Q, K) @ (K, c) matmul: each x (N, K), each result (N, Q)."""
+    out_NxQxC = jnp.einsum("nqk,nkc->nqc", grid_NxQxK, jnp.stack(vectors, axis=-1))
+    return [out_NxQxC[..., c] for c in range(len(vectors))]
 
 
 def _over_queries(vectors, grid_NxQxK):
-    """[x @ grid for x in vectors]: each x (N, Q), each result (N, K)."""
-    return [jnp.einsum("nq,nqk->nk", x, grid_NxQxK) for x in vectors]
+    """[x @ grid for x in vectors], as one (c, Q) @ (Q, K) matmul: each x (N, Q), each result (N, K)."""
+    out_NxCxK = jnp.einsum("ncq,nqk->nck", jnp.stack(vectors, axis=1), grid_NxQxK)
+    return [out_NxCxK[:, c] for c in range(len(vectors))]
 
 
 def _forward_chunk(qr, kr, v, qd, kd, q_meta, k_meta):
