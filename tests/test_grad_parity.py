@@ -122,3 +122,19 @@ def test_geometric_kernel_matches_autodiff_of_the_plain_formula(n_queries):
         assert abs(float(val) - float(want_val)) <= 1e-5 * abs(float(want_val))
         for name, a, b in zip(("q_rot", "k_rot", "value", "q_dist", "k_dist"), got, want):
             assert relative_error(a, b) <= 1e-5, (name, chunk_bytes, relative_error(a, b))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_backward_matches_autodiff(dtype):
+    """layers.swiglu's hand-written backward against autodiff of silu(gate) * up, in fp32."""
+    from esm3_jax.model.layers import swiglu
+
+    rng = np.random.default_rng(0)
+    gate, up, w = (jnp.asarray(rng.normal(size=(4, 32)).astype(np.float32) * 3) for _ in range(3))
+    loss = lambda fn: lambda g, u: jnp.sum(fn(g, u).astype(jnp.float32) * w)
+    want = jax.grad(loss(lambda g, u: jax.nn.silu(g) * u), argnums=(0, 1))(gate, up)
+    got = jax.grad(loss(swiglu), argnums=(0, 1))(gate.astype(dtype), up.astype(dtype))
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        assert relative_error(a.astype(jnp.float32), b) <= tol

@@ -164,8 +164,7 @@ def _attend_fwd(qr, kr, v, qd, kd, q_meta, k_meta, n_chunks):
 
 def _attend_bwd(n_chunks, res, do_NxQx3):
     qr, kr, v, qd, kd, q_meta, k_meta, o, (m, inv_norm) = res
-    bwd = lambda *a: _backward_chunk(*a)
-    grads = _map_chunks(bwd, n_chunks, qr, kr, v, qd, kd, q_meta, k_meta, o, m, inv_norm, do_NxQx3, _planes(do_NxQx3))
+    grads = _map_chunks(_backward_chunk, n_chunks, qr, kr, v, qd, kd, q_meta, k_meta, o, m, inv_norm, do_NxQx3, _planes(do_NxQx3))
     return (*grads, None, None)
 
 
