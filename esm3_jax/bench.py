@@ -272,7 +272,7 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
             mfu = flops / sec / peak
         results[name] = dict(step_s=sec, tokens_per_s=tokens / sec, flops_per_step=flops, mfu=mfu,
                              mfu_vs_best_peak=flops / sec / peak, peak=peak, compile_s=r["compile_s"],
-                             loss=float(r["metrics"]["loss"]))
+                             loss=float(r["metrics"]["loss"]), config=r["cfg"])
     if verbose:
         platform = jax.devices()[0].platform
         print(f"config {config}: d_model {mcfg.d_model}, {mcfg.n_layers} layers, {mcfg.param_count():,} params; "

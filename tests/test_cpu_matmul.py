@@ -86,5 +86,8 @@ def test_bench_times_two_variants_side_by_side_and_they_train_alike():
     for res in (r, r["against"]):
         assert res["step_s"] > 0 and 0 < res["mfu"] and np.isfinite(res["loss"])
         assert res["flops_per_step"] == r["flops_per_step"] and res["peak"] == r["peak"]
+    # Each variant was compiled from its own overrides: the shared one in both, `against` in one.
+    assert r["config"].model.n_layers == r["against"]["config"].model.n_layers == 1
+    assert (r["config"].train.cpu_matmul, r["against"]["config"].train.cpu_matmul) == ("eigen", "ynn")
     # Same init, same batch, same number of steps: the two matmul libraries differ only in rounding.
     np.testing.assert_allclose(r["against"]["loss"], r["loss"], rtol=1e-4)

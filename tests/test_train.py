@@ -114,6 +114,16 @@ def test_training_learns_logs_validates_and_checkpoints(reference_run):
     # Real chains with DSSP labels: sequence and SS8 validation NLL are measured, and below chance.
     assert 0 < result.eval_metrics["sequence/nll"] < np.log(33)
     assert 0 < result.eval_metrics["ss8/nll"] < np.log(8)
+    # Tracks the split has no labels for are absent, never nan.
+    assert result.eval_metrics and all(np.isfinite(v) for v in result.eval_metrics.values())
+
+
+def test_validation_line_names_the_tracks_without_held_out_labels():
+    from esm3_jax.train.loop import _format_eval
+
+    line = _format_eval({"sequence/nll": 2.5, "sequence/accuracy": 0.2, "ss8/nll": 1.25, "ss8/accuracy": 0.5})
+    assert line.startswith("sequence=2.500 ss8=1.250 (no held-out labels: ")
+    assert "function" in line and "nan" not in line and "sequence," not in line
 
 
 def test_profile_option_writes_a_trace_of_the_chosen_steps(records, jax_cache, tmp_path):

@@ -132,11 +132,20 @@ def _eval_pass(eval_step, params, make_eval_iter, n_batches, batch_shardings, ro
             loss_sum[t] += float(sums[t][0])
             correct[t] += float(sums[t][1])
             count[t] += float(counts[t])
+    # A track with no masked labelled position in the held-out batches (no function annotations
+    # in the split, say) has no NLL: it is left out rather than reported as nan.
     out = {}
     for t in TRACKS:
-        out[f"{t}/nll"] = loss_sum[t] / count[t] if count[t] else float("nan")
-        out[f"{t}/accuracy"] = correct[t] / count[t] if count[t] else float("nan")
+        if count[t]:
+            out[f"{t}/nll"] = loss_sum[t] / count[t]
+            out[f"{t}/accuracy"] = correct[t] / count[t]
     return out
+
+
+def _format_eval(eval_metrics: dict[str, float]) -> str:
+    shown = " ".join(f"{t}={eval_metrics[f'{t}/nll']:.3f}" for t in TRACKS if f"{t}/nll" in eval_metrics)
+    missing = [t for t in TRACKS if f"{t}/nll" not in eval_metrics]
+    return shown + (f" (no held-out labels: {', '.join(missing)})" if missing else "")
 
 
 def train(
@@ -269,8 +278,7 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
             if eval_step is not None and step % tc.eval_every == 0:
                 eval_metrics = _eval_pass(eval_step, state.params, make_eval_iter, tc.eval_batches, batch_sh, rows)
                 writer.scalars(step, eval_metrics, prefix="eval/")
-                bar.write(f"step {step} validation: " + " ".join(
-                    f"{t}={eval_metrics[f'{t}/nll']:.3f}" for t in TRACKS))
+                bar.write(f"step {step} validation NLL: " + _format_eval(eval_metrics))
             saved = False
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 ckpt.save(step, state.as_dict(), train_iter, cfg_dict)
