@@ -143,9 +143,15 @@ def _eval_pass(eval_step, params, make_eval_iter, n_batches, batch_shardings, ro
 
 
 def _format_eval(eval_metrics: dict[str, float]) -> str:
-    shown = " ".join(f"{t}={eval_metrics[f'{t}/nll']:.3f}" for t in TRACKS if f"{t}/nll" in eval_metrics)
-    missing = [t for t in TRACKS if f"{t}/nll" not in eval_metrics]
-    return shown + (f" (no held-out labels: {', '.join(missing)})" if missing else "")
+    """The validation line: each track's NLL, then the tracks `_eval_pass` had no labels for."""
+    shown, missing = [], []
+    for t in TRACKS:
+        nll = eval_metrics.get(f"{t}/nll")
+        if nll is None:
+            missing.append(t)
+        else:
+            shown.append(f"{t}={nll:.3f}")
+    return " ".join(shown) + (f" (no held-out labels: {', '.join(missing)})" if missing else "")
 
 
 def train(
