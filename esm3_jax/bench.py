@@ -239,7 +239,8 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
     dtype = jnp.dtype(mcfg.dtype).name
     measure_peak = peak is None
     tokens = batch * length
-    flops = train_flops_per_token(mcfg, length) * tokens
+    # Per variant: an `against` override may change the model (layers, widths, geometric blocks).
+    flops_of = {name: train_flops_per_token(r["cfg"].model, length) * tokens for name, r in runs.items()}
     # The matmul rate is measured before the first round and after every round, and each step is
     # held against the faster of the two rates measured next to it; the run's best rate gives the
     # most conservative figure too.
@@ -264,7 +265,7 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
         peak = max(peaks)
     results = {}
     for name, r in runs.items():
-        times = r["times"]
+        times, flops = r["times"], flops_of[name]
         sec = float(np.median(times))
         if measure_peak:
             mfu = float(np.median([flops / t / max(a, b) for t, a, b in zip(times, peaks, peaks[1:])]))
@@ -284,8 +285,13 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
                   f"each round: {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f} GFLOP/s (best per library: {libs})")
         else:
             print(f"matmul peak (given): {peak / 1e9:.1f} GFLOP/s")
-        print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP (6N-style analytic count incl. attention)")
+        if len(set(flops_of.values())) == 1:
+            counts = f"{flops_of['run'] / 1e9:.1f} GFLOP"
+        else:
+            counts = ", ".join(f"{flops_of[name] / 1e9:.1f} GFLOP [{labels[name]}]" for name in runs)
+        print(f"model FLOPs per step: {counts} (6N-style analytic count incl. attention)")
         for name, res in results.items():
+            flops = res["flops_per_step"]
             label = "train step" if against is None else f"train step [{labels[name]}]"
             matmuls = f"; plain matmuls through {runs[name]['cfg'].train.cpu_matmul}" if platform == "cpu" else ""
             print(f"{label}: {res['step_s'] * 1e3:.0f} ms (median of {steps}, compile {res['compile_s']:.1f} s), "

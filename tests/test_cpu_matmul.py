@@ -91,3 +91,16 @@ def test_bench_times_two_variants_side_by_side_and_they_train_alike():
     assert (r["config"].train.cpu_matmul, r["against"]["config"].train.cpu_matmul) == ("eigen", "ynn")
     # Same init, same batch, same number of steps: the two matmul libraries differ only in rounding.
     np.testing.assert_allclose(r["against"]["loss"], r["loss"], rtol=1e-4)
+
+
+def test_bench_counts_each_variants_own_flops():
+    """A variant that changes the model is held against its own FLOP count, not the first one's."""
+    from esm3_jax.flops import train_flops_per_token
+
+    r = bench.bench_train_step("tiny", batch=2, length=32, steps=1, overrides=("model.n_layers=2",),
+                               verbose=False, against=("model.n_layers=1", "model.n_layers_geom=0"), peak=1e11)
+    for res in (r, r["against"]):
+        assert res["flops_per_step"] == train_flops_per_token(res["config"].model, 32) * 2 * 32
+    assert r["against"]["config"].model.n_layers == 1 and r["against"]["flops_per_step"] < r["flops_per_step"]
+    for res in (r, r["against"]):
+        np.testing.assert_allclose(res["mfu"], res["flops_per_step"] / res["step_s"] / 1e11, rtol=1e-12)
