@@ -1,6 +1,7 @@
 """The `esm3-jax` command. Thin: each verb lives in the module that does the work.
 
-A verb's module defines `add_cli_arguments(parser)` and `cli_main(args) -> int`; it is imported
+A verb's module defines `add_cli_arguments(parser)` and `cli_main(args) -> int` (or, written
+"module:NAME", the module's attribute NAME does, for a module serving two verbs); it is imported
 only when that verb runs, so `esm3-jax --help` is instant and one verb's dependencies never
 slow down another.
 """
@@ -13,18 +14,18 @@ import sys
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "forward": ("esm3_jax.inference", "batched forward pass of a checkpoint over an .npz of tokens"),
-    "convert": ("esm3_jax.convert", "PyTorch state dict (official release format) <-> esm3-jax checkpoint"),
+    "forward": ("esm3_jax.inference.forward", "batched forward pass of a checkpoint over an .npz of tokens"),
+    "convert": ("esm3_jax.compat.convert", "PyTorch state dict (official release format) <-> esm3-jax checkpoint"),
     "preprocess": ("esm3_jax.data.preprocess", "FASTA / jsonl / PDB+mmCIF folders / label files -> ArrayRecord shards"),
     "build-function-vocab": ("esm3_jax.data.function_tokens", "function keyword vocabulary, IDF and LSH hyperplanes from text"),
     "train": ("esm3_jax.train.loop", "pretrain (or resume) ESM3 as a config says: sharded, checkpointed, logged"),
     "checkpoint-info": ("esm3_jax.train.checkpoint", "a training checkpoint's step, config summary and params fingerprint"),
     "aot": ("esm3_jax.train.aot", "compile the train step for a TPU topology without a TPU: memory, FLOPs, fits"),
-    "bench": ("esm3_jax.bench", "measure speed side by side with the reference and the matmul peak"),
-    "tokenize-structure": ("esm3_jax.tokenize_structure", "PDB/mmCIF chains -> VQ-VAE structure tokens (.npz, one array per chain)"),
-    "decode-structure": ("esm3_jax.decode_structure", "structure tokens (.npz) -> backbone or all-atom PDBs with pLDDT, and pTM"),
-    "train-vqvae": ("esm3_jax.train.vqvae", "train the VQ-VAE structure tokenizer from a configs/vqvae_*.yaml"),
-    "plot-metrics": ("esm3_jax.plot_metrics", "loss curves of one or more runs' metrics.csv as a PNG (needs matplotlib)"),
+    "bench": ("esm3_jax.bench.cli", "measure speed side by side with the reference and the matmul peak"),
+    "tokenize-structure": ("esm3_jax.data.structure_tokens:TOKENIZE_VERB", "PDB/mmCIF chains -> VQ-VAE structure tokens (.npz, one array per chain)"),
+    "decode-structure": ("esm3_jax.data.structure_tokens:DECODE_VERB", "structure tokens (.npz) -> backbone or all-atom PDBs with pLDDT, and pTM"),
+    "train-vqvae": ("esm3_jax.train.vqvae.run", "train the VQ-VAE structure tokenizer from a configs/vqvae_*.yaml"),
+    "plot-metrics": ("esm3_jax.eval.plot_metrics", "loss curves of one or more runs' metrics.csv as a PNG (needs matplotlib)"),
 }
 
 
@@ -52,10 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     verb = argv[0]
     if as_program and not any(a in ("-h", "--help") for a in argv[1:]):
-        from esm3_jax.allocator import reexec_under_tcmalloc
+        from esm3_jax.runtime.allocator import reexec_under_tcmalloc
 
         reexec_under_tcmalloc()
-    module = importlib.import_module(VERBS[verb][0])
+    module_name, _, attribute = VERBS[verb][0].partition(":")
+    module = importlib.import_module(module_name)
+    if attribute:
+        module = getattr(module, attribute)
     parser = argparse.ArgumentParser(prog=f"esm3-jax {verb}", description=VERBS[verb][1])
     module.add_cli_arguments(parser)
     args = parser.parse_args(argv[1:])

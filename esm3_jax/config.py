@@ -1,8 +1,9 @@
-"""Typed configuration: a tree of frozen dataclasses, loaded from YAML, overridden by `key=value`.
+"""Typed configuration: frozen dataclasses loaded from YAML and overridden by `key=value`.
 
-Every section lives next to the code it configures (model/config.py, data/config.py,
-train/config.py); this module only composes them and does the loading, so that a typo or a bad
-value fails here, before anything expensive starts, with the file and the key in the message.
+This is the machinery only. Every config dataclass lives next to the code it configures
+(model/config.py, data/config.py, train/config.py, which composes the training run's Config,
+and train/vqvae/config.py); all of them load through `load_config_file`, so a typo or a bad
+value fails before anything expensive starts, with the file and the key in the message.
 """
 
 from __future__ import annotations
@@ -16,31 +17,9 @@ from typing import Any
 
 import yaml
 
-from esm3_jax.data.config import DataConfig
-from esm3_jax.model.config import ModelConfig
-from esm3_jax.train.config import MeshConfig, TrainConfig
-
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot work. The message names the source and the key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-
-    def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.mesh):
-            if hasattr(section, "validate"):
-                section.validate()
-        if self.model.attention.startswith("splash") and self.data.max_length % 128:
-            raise ValueError(
-                f"model.attention={self.model.attention} needs data.max_length to be a multiple of 128 "
-                f"(the kernel's block), got {self.data.max_length}"
-            )
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -166,8 +145,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or the defaults), apply `a.b=value` overrides, validate."""
+def load_config_file(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Config dataclass `cls` from a YAML file (or its defaults), `a.b=value` overrides applied,
+    then validated (`cls.validate()`); every failure is a ConfigError naming the source."""
     where = str(path) if path is not None else "defaults"
     raw: dict = {}
     if path is not None:
@@ -181,20 +161,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides))
-    cfg = from_dict(Config, raw, where)
+    return validated(from_dict(cls, raw, where), where)
+
+
+def validated(cfg: Any, where: str) -> Any:
+    """`cfg` after its own `validate()`, a failure re-raised as a ConfigError naming `where`."""
     try:
         cfg.validate()
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{where}: {e}") from e
-    return cfg
-
-
-def model_config_from_dict(raw: dict, where: str = "model") -> ModelConfig:
-    cfg = from_dict(ModelConfig, raw, where)
-    try:
-        cfg.validate()
-    except ValueError as e:
         raise ConfigError(f"{where}: {e}") from e
     return cfg

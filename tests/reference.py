@@ -9,7 +9,7 @@ import pytest
 def import_reference():
     torch = pytest.importorskip("torch", reason="the reference needs torch (pip install -e '.[test]')")
     pytest.importorskip("esm.models.esm3", reason="reference `esm` package not installed")
-    from esm3_jax import reference
+    from esm3_jax.compat import reference
 
     return torch, reference
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from esm3_jax import allocator
+from esm3_jax.runtime import allocator
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = "from esm3_jax import allocator; allocator.reexec_under_tcmalloc(); print(allocator.active())"

@@ -57,8 +57,8 @@ def test_scanned_and_unrolled_train_steps_have_the_same_matmul_count():
     as the same step unrolled (remat recomputation included); XLA's cost analysis does not."""
     import dataclasses
 
-    from esm3_jax import flops
-    from esm3_jax.config import load_config
+    from esm3_jax.model import flops
+    from esm3_jax.train.config import load_config
     from esm3_jax.train import aot
 
     counts = {}

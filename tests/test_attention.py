@@ -106,7 +106,7 @@ def test_splash_train_step_compiles_for_a_tpu_slice():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (pip install libtpu)")
     code = (
-        "from esm3_jax.config import load_config\n"
+        "from esm3_jax.train.config import load_config\n"
         "from esm3_jax.model.esm3 import ESM3\n"
         "from esm3_jax.train import aot, optim, sharding as shd, state as st, step as stp\n"
         "cfg = load_config('configs/tiny.yaml', ['model.attention=splash', 'model.n_layers=2', 'data.batch_size=8',"

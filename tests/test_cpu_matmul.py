@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esm3_jax import bench, cpu_matmul
+from esm3_jax.bench import cli as bench
+from esm3_jax.runtime import cpu_matmul
 
 
 def _ynn_fusions(compiled_text: str) -> list[str]:
@@ -52,7 +53,7 @@ def test_eigen_takes_the_matmuls_and_ynnpack_keeps_the_reductions():
 
 
 def test_train_step_compiles_its_matmuls_for_eigen():
-    from esm3_jax.config import load_config
+    from esm3_jax.train.config import load_config
     from esm3_jax.model.esm3 import ESM3
     from esm3_jax.train import optim, sharding as shd, state as st, step as stp
 
@@ -98,8 +99,8 @@ def test_bench_counts_each_variants_own_flops(monkeypatch, capsys):
 
     The compiled step is replaced by a no-op (the test above runs real ones): only the
     accounting is under test here, and compiling two more train steps would cost CI ~45 s."""
-    from esm3_jax.config import load_config
-    from esm3_jax.flops import train_flops_per_token
+    from esm3_jax.train.config import load_config
+    from esm3_jax.model.flops import train_flops_per_token
 
     def fake_compiled_step(config, overrides, batch, length):
         cfg = load_config(bench.resolve_config_path(config), list(overrides))

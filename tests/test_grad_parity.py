@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from esm3_jax import tokens as T
-from esm3_jax.convert import infer_esm3_config, torch_to_esm3_params
+from esm3_jax.compat.esm3_weights import infer_esm3_config, torch_to_esm3_params
 from esm3_jax.model.esm3 import ESM3
 from tests.reference import build_reference_esm3, import_reference, relative_error
 from tests.test_model_parity import _backbone, _sequence

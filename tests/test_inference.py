@@ -7,8 +7,9 @@ import pytest
 
 from esm3_jax import tokens as T
 from esm3_jax.cli import main
-from esm3_jax.config import ConfigError, load_config
-from esm3_jax.inference import InputError, validate_inputs
+from esm3_jax.config import ConfigError
+from esm3_jax.train.config import load_config
+from esm3_jax.inference.forward import InputError, validate_inputs
 from tests.reference import build_reference_esm3, import_reference, relative_error, run_reference
 
 

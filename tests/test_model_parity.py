@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from esm3_jax import tokens as T
-from esm3_jax.convert import esm3_params_to_torch, infer_esm3_config, torch_to_esm3_params
+from esm3_jax.compat.esm3_weights import esm3_params_to_torch, infer_esm3_config, torch_to_esm3_params
 from esm3_jax.model.esm3 import ESM3
 from tests.reference import build_reference_esm3, relative_error, run_reference
 
@@ -162,7 +162,7 @@ def test_state_dict_round_trip_loads_strictly_into_reference(reference):
 
 
 def test_open_model_shape_parameter_count():
-    from esm3_jax.config import load_config
+    from esm3_jax.train.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "esm3_open_1.4b.yaml").model
     assert cfg.param_count() == 1_401_735_748
@@ -195,7 +195,7 @@ def test_bfloat16_compute_stays_close_to_float32(reference):
 def test_every_parameter_carries_logical_axis_names():
     import flax.linen as nn
 
-    from esm3_jax.config import load_config
+    from esm3_jax.train.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").model
     boxed = jax.eval_shape(lambda: ESM3(cfg).init(jax.random.key(0), sequence_tokens=jnp.zeros((1, 4), jnp.int32)))
@@ -209,7 +209,7 @@ def test_every_parameter_carries_logical_axis_names():
 
 def test_scanned_trunk_program_size_is_independent_of_depth():
     """nn.scan keeps one copy of the block in the program, so 216 layers compile like 8."""
-    from esm3_jax.config import load_config
+    from esm3_jax.train.config import load_config
 
     sizes = {}
     for n_layers in (8, 216):

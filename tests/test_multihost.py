@@ -36,7 +36,7 @@ def _reference_worker(records: str, out: str) -> None:
     import grain
     import jax
 
-    from esm3_jax.config import load_config
+    from esm3_jax.train.config import load_config
     from esm3_jax.data import pipeline
     from esm3_jax.train.loop import train
 

@@ -446,7 +446,7 @@ def test_bad_settings_fail_early(seq_dir, tmp_path):
 
 
 def test_bench_pipeline_reports_throughput(seq_dir):
-    from esm3_jax.data.bench_data import bench_pipeline
+    from esm3_jax.bench.data import bench_pipeline
 
     out = bench_pipeline(seq_dir, _cfg("unused"), n_batches=5, warmup=1)
     assert out["records_per_s"] > 0 and out["tokens_per_s"] > 0
@@ -490,7 +490,8 @@ def test_worker_processes_resume_exactly(seq_dir):
 
 
 def test_data_config_from_yaml(tmp_path, seq_dir):
-    from esm3_jax.config import ConfigError, load_config
+    from esm3_jax.config import ConfigError
+    from esm3_jax.train.config import load_config
 
     path = tmp_path / "run.yaml"
     path.write_text(

@@ -35,6 +35,6 @@ def test_unknown_column_and_non_numeric_cell_are_named(tmp_path, capsys):
 
 
 def test_moving_average_skips_missing_values():
-    from esm3_jax.plot_metrics import moving_average
+    from esm3_jax.eval.plot_metrics import moving_average
 
     assert moving_average([1.0, 3.0, float("nan"), 5.0], 2) == [1.0, 2.0, 2.0, 4.0]

@@ -190,11 +190,11 @@ def test_cli_summary_and_unknown_input_type(tmp_path, capsys):
 
 def test_structure_encoder_option_errors_clearly_without_the_tokenizer(tmp_path, capsys, monkeypatch):
     """No fake tokens: an installation without the structure tokenizer fails up front, clearly."""
-    import esm3_jax
+    import esm3_jax.inference
 
     # As if the module were absent: hide it from the import system and from the package.
-    monkeypatch.setitem(sys.modules, "esm3_jax.structure_tokenizer", None)
-    monkeypatch.delattr(esm3_jax, "structure_tokenizer", raising=False)
+    monkeypatch.setitem(sys.modules, "esm3_jax.inference.structure_tokenizer", None)
+    monkeypatch.delattr(esm3_jax.inference, "structure_tokenizer", raising=False)
     fasta = tmp_path / "x.fasta"
     fasta.write_text(">a\nMKTAYIAKQR\n")
     out = tmp_path / "out"
@@ -441,9 +441,10 @@ def test_structure_tokens_from_a_vqvae_encoder_checkpoint(tmp_path):
 
     from esm3_jax.config import to_dict
     from esm3_jax.model.vqvae import EncoderConfig, StructureEncoder
-    from esm3_jax.params_io import save_params
+    from esm3_jax.compat.params_io import save_params
     from esm3_jax.structure import io as sio
-    from esm3_jax.structure_tokenizer import ENCODER_KIND, StructureTokenizer
+    from esm3_jax.compat.params_io import ENCODER_KIND
+    from esm3_jax.inference.structure_tokenizer import StructureTokenizer
 
     cfg = EncoderConfig(d_model=32, v_heads=4, n_layers=1, d_out=8, n_codes=64, knn=8)
     coords = np.asarray(sio.load_structure(STRUCTURES / STRUCTURE_FILES[1])[0].backbone)[None, :16]

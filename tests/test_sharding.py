@@ -32,7 +32,7 @@ def _worker(records: str, out: str) -> None:
     import jax
     import numpy as np
 
-    from esm3_jax.config import load_config
+    from esm3_jax.train.config import load_config
     from esm3_jax.data import pipeline
     from esm3_jax.model.esm3 import ESM3
     from esm3_jax.train import optim, sharding as shd, state as st, step as stp
@@ -165,7 +165,7 @@ def test_specs_replicate_what_they_cannot_split():
 
 
 def test_slurm_environment_gives_the_process_layout():
-    from esm3_jax.train import distributed
+    from esm3_jax.runtime import distributed
 
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NODELIST": "gpu[012-015,020]"}
     assert distributed.slurm_settings(env) == ("gpu012:12355", 4, 3)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from esm3_jax.cli import main as cli_main
-from esm3_jax.config import load_config
+from esm3_jax.train.config import load_config
 from esm3_jax.train import checkpoint as ckpt_lib
 from esm3_jax.train.loop import TrainingDiverged, train
 

@@ -14,13 +14,13 @@ from esm3_jax import tokens as T
 from esm3_jax.config import to_dict
 from esm3_jax.model.codebook import COLLECTION, EMACodebook
 from esm3_jax.model.vqvae import StructureDecoder, StructureEncoder
-from esm3_jax.structure_tokenizer import (
+from esm3_jax.compat.tokenizer_weights import (
     decoder_export,
     decoder_from_torch,
     encoder_export,
     encoder_from_torch,
 )
-from esm3_jax.train import vqvae_loss as VL
+from esm3_jax.train.vqvae import loss as VL
 from tests.reference import relative_error
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

@@ -18,7 +18,7 @@ from esm3_jax.cli import main
 from esm3_jax.model.vqvae import AMINO_ACIDS, N_AMINO_ACIDS, DecoderConfig, StructureDecoder
 from esm3_jax.structure import all_atom as AA
 from esm3_jax.structure import rigid_groups as G
-from esm3_jax.train import vqvae_loss as VL
+from esm3_jax.train.vqvae import loss as VL
 
 ROOT = Path(__file__).resolve().parents[1]
 STRUCTURES = ROOT / ".." / "shared" / "data" / "structures"
@@ -38,7 +38,7 @@ def _need_data():
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
     """A stage-1 encoder (codebook fitted to its outputs on real chains), untrained otherwise."""
-    from esm3_jax.train.vqvae import Stage1, _has_structure, batches, load_split, load_vqvae_config
+    from esm3_jax.train.vqvae.run import Stage1, _has_structure, batches, load_split, load_vqvae_config
 
     _need_data()
     cfg = load_vqvae_config(ROOT / "configs" / "vqvae_small.yaml", ENCODER + TINY)
@@ -53,9 +53,10 @@ def encoder_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def esm3_dir(tmp_path_factory):
     """A randomly initialised ESM3 of configs/tiny.yaml's size, saved as an esm3-jax checkpoint."""
-    from esm3_jax.config import load_config, to_dict
+    from esm3_jax.config import to_dict
+    from esm3_jax.train.config import load_config
     from esm3_jax.model.esm3 import init_params
-    from esm3_jax.params_io import save_params
+    from esm3_jax.compat.params_io import save_params
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml").model
     params = nn.unbox(init_params(cfg, jax.random.PRNGKey(3)))
@@ -63,13 +64,13 @@ def esm3_dir(tmp_path_factory):
 
 
 def _stage2_cfg(encoder_dir, *extra):
-    from esm3_jax.train.vqvae import load_vqvae_config
+    from esm3_jax.train.vqvae.run import load_vqvae_config
 
     return load_vqvae_config(SMALL_STAGE2, TINY + [f"train.encoder_checkpoint={encoder_dir}", *extra])
 
 
 def _batch(n_chains=4, length=30, seed=0):
-    from esm3_jax.train.vqvae import _has_structure, crop, load_split, pad_chains
+    from esm3_jax.train.vqvae.run import _has_structure, crop, load_split, pad_chains
 
     _need_data()
     chains = load_split(STRUCTURES, "valid", n_chains, all_atom=True)
@@ -149,8 +150,8 @@ def test_torsion_loss_alternatives_and_norm_penalty():
 
 
 def test_esm3_predicted_tokens_replace_the_encoders(encoder_dir, esm3_dir):
-    from esm3_jax.inference import load_esm3, make_forward
-    from esm3_jax.train.vqvae import Stage2
+    from esm3_jax.inference.forward import load_esm3, make_forward
+    from esm3_jax.train.vqvae.run import Stage2
 
     batch = _batch()
     key = jax.random.PRNGKey(7)
@@ -213,7 +214,7 @@ def test_stage2_all_atom_training_and_decoding(encoder_dir, esm3_dir, tmp_path, 
 
     # The CLI round trip: tokens and sequences out, all-atom PDBs back.
     from esm3_jax.structure.io import load_structure
-    from esm3_jax.structure_tokenizer import StructureTokenizer
+    from esm3_jax.inference.structure_tokenizer import StructureTokenizer
 
     f = STRUCTURES / "mdanalysis_mmcif" / "5PTI.cif.gz"
     assert main(["tokenize-structure", "--encoder", str(encoder_dir), "--out", str(tmp_path / "t.npz"),

@@ -1,0 +1,1 @@
+"""Input files -> records -> shards -> batches: readers, tokenization, preprocessing, the Grain pipeline."""

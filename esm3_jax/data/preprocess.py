@@ -265,12 +265,12 @@ def load_structure_encoder(directory: str) -> Callable[[np.ndarray, np.ndarray |
     Errors clearly when the structure tokenizer is not part of this installation; never invents tokens.
     """
     try:
-        from esm3_jax import structure_tokenizer
+        from esm3_jax.inference import structure_tokenizer
     except ModuleNotFoundError as e:
-        if e.name != "esm3_jax.structure_tokenizer":
+        if e.name != "esm3_jax.inference.structure_tokenizer":
             raise
         raise StructureEncoderUnavailable(
-            "structure tokenizer not available: esm3_jax.structure_tokenizer is not part of this installation; "
+            "structure tokenizer not available: esm3_jax.inference.structure_tokenizer is not part of this installation; "
             "preprocess without --structure-encoder (records keep coordinates, SS8, SASA and pLDDT)"
         ) from None
     if not Path(directory).is_dir():

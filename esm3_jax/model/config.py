@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Literal
 
+from esm3_jax.config import from_dict, validated
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -84,3 +86,8 @@ class ModelConfig:
         head = lambda out: d * d + d + 2 * d + d * out + out
         heads = sum(head(o) for o in (64, 4096, 11, 19, 2080, 1478))
         return embed + self.n_layers * block + self.n_layers_geom * geom + d + heads
+
+
+def model_config_from_dict(raw: dict, where: str = "model") -> ModelConfig:
+    """A validated ModelConfig from a plain dict (a checkpoint's saved config, say)."""
+    return validated(from_dict(ModelConfig, raw, where), where)

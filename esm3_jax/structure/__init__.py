@@ -1,0 +1,1 @@
+"""Protein structures: reading and writing files, geometry, DSSP and SASA features, all-atom frames."""

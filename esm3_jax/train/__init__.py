@@ -1,0 +1,2 @@
+"""Pretraining ESM3: config, setup, state, step, loss, optimizer, sharding, checkpoints, evaluation,
+the loop and ahead-of-time compilation."""

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from esm3_jax.config import Config, load_config
-from esm3_jax.flops import train_flops_per_token
+from esm3_jax.train.config import Config, load_config
+from esm3_jax.model.flops import train_flops_per_token
 from esm3_jax.model import geom_kernel
 from esm3_jax.model.esm3 import ESM3
 from esm3_jax.train import optim, sharding as shd, state as state_lib, step as step_lib

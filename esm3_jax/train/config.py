@@ -1,12 +1,17 @@
-"""Optimiser, schedule, checkpointing and device-mesh settings (ESM3_SPEC section 7)."""
+"""The training run's config: optimiser, schedule, checkpointing and device-mesh settings
+(ESM3_SPEC section 7), composed with the model and data sections into the one `Config` that
+`train`, `aot` and `bench` load."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
-from esm3_jax import cpu_matmul
-from esm3_jax.data.config import DatasetSpec
+from esm3_jax.config import load_config_file
+from esm3_jax.data.config import DataConfig, DatasetSpec
+from esm3_jax.model.config import ModelConfig
+from esm3_jax.runtime import cpu_matmul
 
 # The tracks that carry a loss, in the order metrics are reported (the batch contract's names).
 TRACKS = ("sequence", "structure", "ss8", "sasa", "function", "residue_annotation")
@@ -207,3 +212,26 @@ class MeshConfig:
         if list(sizes.values()).count(-1) > 1:
             raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
         self.rules.validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.train, self.mesh):
+            if hasattr(section, "validate"):
+                section.validate()
+        if self.model.attention.startswith("splash") and self.data.max_length % 128:
+            raise ValueError(
+                f"model.attention={self.model.attention} needs data.max_length to be a multiple of 128 "
+                f"(the kernel's block), got {self.data.max_length}"
+            )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a run config (or the defaults), apply `a.b=value` overrides, validate."""
+    return load_config_file(Config, path, overrides)

@@ -21,11 +21,13 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from esm3_jax import allocator
-from esm3_jax.config import Config, ConfigError, load_config, to_dict
-from esm3_jax.flops import train_flops_per_token
+from esm3_jax.runtime import allocator
+from esm3_jax.config import ConfigError, to_dict
+from esm3_jax.train.config import Config, load_config
+from esm3_jax.model.flops import train_flops_per_token
 from esm3_jax.model.esm3 import ESM3
-from esm3_jax.train import distributed, optim
+from esm3_jax.train import optim
+from esm3_jax.runtime import distributed
 from esm3_jax.train import sharding as shd
 from esm3_jax.train import state as state_lib
 from esm3_jax.train import step as step_lib
@@ -231,7 +233,7 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
     peak = peak_flops_per_device(devices[0].device_kind, tc.peak_flops_per_device)
     if peak is None:
         # No datasheet number for this device (a CPU): measure its matmul rate, so MFU is shown.
-        from esm3_jax.bench import matmul_peak_flops
+        from esm3_jax.bench.cli import matmul_peak_flops
 
         peak = matmul_peak_flops(jax.numpy.dtype(cfg.model.dtype).name, n=1024, repeats=3)
         say(f"  measured matmul peak of {devices[0].device_kind}: {peak / 1e9:.0f} GFLOP/s per device (for MFU)")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from esm3_jax import cpu_matmul as cpu_matmul_lib
+from esm3_jax.runtime import cpu_matmul as cpu_matmul_lib
 from esm3_jax.train import loss as loss_lib
 from esm3_jax.train import sharding as shd
 from esm3_jax.train.state import MODEL_INPUT_KEYS, TrainState
@@ -111,7 +111,7 @@ def _schedule_follows_step(kept, new):
 def jit_train_step(step_fn, state_shardings, batch_shardings, mesh: Mesh, rules, cpu_matmul: str = cpu_matmul_lib.DEFAULT):
     """jit with explicit in/out shardings and the state donated: the old state's buffers are reused.
 
-    cpu_matmul: the library XLA:CPU runs plain matmuls with (`esm3_jax.cpu_matmul`).
+    cpu_matmul: the library XLA:CPU runs plain matmuls with (`esm3_jax.runtime.cpu_matmul`).
     """
     jitted = jax.jit(
         step_fn,

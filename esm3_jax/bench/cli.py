@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esm3_jax import allocator, cpu_matmul
+from esm3_jax.runtime import allocator
+from esm3_jax.runtime import cpu_matmul
 from esm3_jax import tokens as T
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -46,7 +47,7 @@ def time_fn(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
 
 def matmul_rates(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> dict[str, float]:
     """An n^3 matmul's sustained rate (FLOP/s) through XLA, per matmul library on the CPU
-    (`esm3_jax.cpu_matmul`: Eigen and YNNPACK differ by up to 20% here), else one entry "xla"."""
+    (`esm3_jax.runtime.cpu_matmul`: Eigen and YNNPACK differ by up to 20% here), else one entry "xla"."""
     dt = jnp.dtype(dtype)
     a = jax.random.normal(jax.random.key(0), (n, n), dt)
     b = jax.random.normal(jax.random.key(1), (n, n), dt)
@@ -98,8 +99,8 @@ def bench_forward(config: str, batch: int, length: int, repeats: int, reference:
     """
     import flax.linen as nn
 
-    from esm3_jax.config import load_config
-    from esm3_jax.flops import forward_flops_per_token
+    from esm3_jax.train.config import load_config
+    from esm3_jax.model.flops import forward_flops_per_token
     from esm3_jax.model.esm3 import ESM3, init_params
 
     cfg = load_config(resolve_config_path(config)).model
@@ -112,8 +113,8 @@ def bench_forward(config: str, batch: int, length: int, repeats: int, reference:
           f"every track + coordinates, {dtype}, {jax.devices()[0].platform}")
 
     if reference:
-        from esm3_jax.convert import infer_esm3_config, torch_to_esm3_params
-        from esm3_jax.reference import build_reference_esm3, reference_forward, to_torch_inputs
+        from esm3_jax.compat.esm3_weights import infer_esm3_config, torch_to_esm3_params
+        from esm3_jax.compat.reference import build_reference_esm3, reference_forward, to_torch_inputs
 
         ref_model, state = build_reference_esm3(cfg.d_model, cfg.n_heads, cfg.v_heads, cfg.n_layers)
         # Same weights on both sides: the reference's random init, converted.
@@ -187,7 +188,7 @@ def synthetic_train_batch(batch: int, length: int, mask_rate: float = 0.3, seed:
 
 def _compiled_train_step(config: str, overrides: tuple[str, ...], batch: int, length: int) -> dict:
     """The real jitted train step on one device, compiled and run twice (untimed), with its state and batch."""
-    from esm3_jax.config import load_config
+    from esm3_jax.train.config import load_config
     from esm3_jax.model.esm3 import ESM3
     from esm3_jax.train import sharding as shd
     from esm3_jax.train.optim import make_optimizer
@@ -227,7 +228,7 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
     returned under "against". A shared VM's speed drifts by 10-35% within minutes, more than most
     changes worth measuring.
     """
-    from esm3_jax.flops import train_flops_per_token
+    from esm3_jax.model.flops import train_flops_per_token
 
     variants = {"run": tuple(overrides)}
     if against is not None:
@@ -312,8 +313,8 @@ def bench_train_step(config: str, batch: int, length: int, steps: int, overrides
 
 
 def bench_data(data_dir: str, config: str, n_batches: int) -> dict:
-    from esm3_jax.config import load_config
-    from esm3_jax.data.bench_data import bench_pipeline
+    from esm3_jax.train.config import load_config
+    from esm3_jax.bench.data import bench_pipeline
 
     cfg = load_config(resolve_config_path(config))
     p = bench_pipeline(data_dir, cfg.data, n_batches)
@@ -361,7 +362,7 @@ def cli_main(args: argparse.Namespace) -> int:
         bench_train_step(args.config, args.batch, args.length, args.steps, tuple(args.overrides),
                          against=tuple(args.against) if args.against else None)
     elif args.what == "vqvae":
-        from esm3_jax.bench_vqvae import bench_vqvae
+        from esm3_jax.bench.vqvae import bench_vqvae
 
         bench_vqvae(args.chains, args.length, repeats=args.repeats)
     elif args.what == "data":

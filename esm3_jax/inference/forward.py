@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esm3_jax import cpu_matmul
+from esm3_jax.runtime import cpu_matmul
 from esm3_jax import tokens as T
-from esm3_jax.config import model_config_from_dict
+from esm3_jax.model.config import model_config_from_dict
 from esm3_jax.model.config import ModelConfig
 from esm3_jax.model.esm3 import ESM3, INPUT_KEYS, TRACK_KEYS
-from esm3_jax.params_io import load_params
+from esm3_jax.compat.params_io import load_params
 
 
 class InputError(ValueError):

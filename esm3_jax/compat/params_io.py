@@ -16,6 +16,8 @@ import orbax.checkpoint as ocp
 import yaml
 
 META_FILE = "esm3_jax.yaml"
+# The kinds of model a params checkpoint can hold (its esm3_jax.yaml says which).
+ESM3_KIND, ENCODER_KIND, DECODER_KIND = "esm3", "structure-encoder", "structure-decoder"
 
 
 def save_params(directory: str | Path, params: Any, config: dict, kind: str) -> Path:

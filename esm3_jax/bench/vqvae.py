@@ -17,9 +17,9 @@ import jax
 import numpy as np
 
 from esm3_jax import tokens as T
-from esm3_jax.bench import time_fn
+from esm3_jax.bench.cli import time_fn
 from esm3_jax.model.vqvae import RELEASED_DECODER, RELEASED_ENCODER, DecoderConfig, EncoderConfig, StructureDecoder, StructureEncoder
-from esm3_jax.structure_tokenizer import decoder_from_torch, encoder_from_torch
+from esm3_jax.compat.tokenizer_weights import decoder_from_torch, encoder_from_torch
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "structures"
 
@@ -115,7 +115,7 @@ def bench_vqvae(
     return results
 
 
-if __name__ == "__main__":  # python -m esm3_jax.bench_vqvae [chains length [decoder_layers]]
+if __name__ == "__main__":  # python -m esm3_jax.bench.vqvae [chains length [decoder_layers]]
     import sys
 
     a = sys.argv[1:]

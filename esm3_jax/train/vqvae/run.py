@@ -44,11 +44,11 @@ from esm3_jax.model.vqvae import (
     StructureEncoder,
     aa_indices,
 )
-from esm3_jax.params_io import save_params
+from esm3_jax.compat.params_io import save_params
 from esm3_jax.structure import geometry
 from esm3_jax.structure.all_atom import atom37_to_atom14, choose_symmetric_naming, torsion_angles
 from esm3_jax.structure.io import load_structure
-from esm3_jax.train import vqvae_loss as VL
+from esm3_jax.train.vqvae import loss as VL
 from esm3_jax.train.checkpoint import Checkpointer
 from esm3_jax.train.config import TrainConfig
 from esm3_jax.train.optim import make_optimizer
@@ -468,14 +468,14 @@ class Stage2:
     train.esm3_token_probability, ESM3's prediction from its sequence instead (sub-stages 2B/2C)."""
 
     def __init__(self, cfg: VQVAEConfig):
-        from esm3_jax.structure_tokenizer import load_encoder
+        from esm3_jax.inference.structure_tokenizer import load_encoder
 
         self.cfg = cfg
         self.encoder_config, encoder_variables = load_encoder(cfg.train.encoder_checkpoint)
         self.decoder = StructureDecoder(dataclasses.replace(cfg.decoder, inverse_folding_head=cfg.train.loss_weights.inverse_folding > 0))
         self.esm3, esm3_params = None, None
         if cfg.train.esm3_checkpoint:
-            from esm3_jax.inference import load_esm3
+            from esm3_jax.inference.forward import load_esm3
             from esm3_jax.model.esm3 import ESM3
 
             esm3_config, esm3_params = load_esm3(cfg.train.esm3_checkpoint)
@@ -542,7 +542,7 @@ class Stage2:
 def evaluate(encoder_dir: Path, decoder_dir: Path, chains: list[Chain], max_length: int) -> dict[str, Any]:
     """Round trip through the exported checkpoints (tokens only): RMSD, LDDT-CA, codebook usage;
     for an all-atom decoder also the means of geometry.all_atom_comparison's heavy-atom metrics."""
-    from esm3_jax.structure_tokenizer import StructureTokenizer
+    from esm3_jax.inference.structure_tokenizer import StructureTokenizer
 
     tok = StructureTokenizer.load(encoder_dir, decoder_dir)
     dist = lambda x: np.linalg.norm(x.reshape(-1, 1, 3) - x.reshape(1, -1, 3), axis=-1)  # all atom pairs
