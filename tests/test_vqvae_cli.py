@@ -126,7 +126,7 @@ def test_bad_input(converted, tmp_path, capsys):
 def test_folded_token_table_decodes_like_training():
     """After export, decoding tokens equals the training-time decoding of z_q."""
     from esm3_jax.model.vqvae import DecoderConfig, EncoderConfig, StructureDecoder
-    from esm3_jax.train.vqvae.run import VQVAE, fold_code_embeddings, frame_tokens
+    from esm3_jax.train.vqvae.model import VQVAE, fold_code_embeddings, frame_tokens
 
     enc = EncoderConfig(d_model=32, v_heads=4, d_out=8, n_codes=16)
     dec = DecoderConfig(d_model=32, n_heads=2, n_layers=1)

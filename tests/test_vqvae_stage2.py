@@ -38,7 +38,9 @@ def _need_data():
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
     """A stage-1 encoder (codebook fitted to its outputs on real chains), untrained otherwise."""
-    from esm3_jax.train.vqvae.run import Stage1, _has_structure, batches, load_split, load_vqvae_config
+    from esm3_jax.train.vqvae.config import load_vqvae_config
+    from esm3_jax.train.vqvae.data import batches, load_split
+    from esm3_jax.train.vqvae.stages import Stage1, _has_structure
 
     _need_data()
     cfg = load_vqvae_config(ROOT / "configs" / "vqvae_small.yaml", ENCODER + TINY)
@@ -64,13 +66,14 @@ def esm3_dir(tmp_path_factory):
 
 
 def _stage2_cfg(encoder_dir, *extra):
-    from esm3_jax.train.vqvae.run import load_vqvae_config
+    from esm3_jax.train.vqvae.config import load_vqvae_config
 
     return load_vqvae_config(SMALL_STAGE2, TINY + [f"train.encoder_checkpoint={encoder_dir}", *extra])
 
 
 def _batch(n_chains=4, length=30, seed=0):
-    from esm3_jax.train.vqvae.run import _has_structure, crop, load_split, pad_chains
+    from esm3_jax.train.vqvae.data import crop, load_split, pad_chains
+    from esm3_jax.train.vqvae.stages import _has_structure
 
     _need_data()
     chains = load_split(STRUCTURES, "valid", n_chains, all_atom=True)
@@ -151,7 +154,7 @@ def test_torsion_loss_alternatives_and_norm_penalty():
 
 def test_esm3_predicted_tokens_replace_the_encoders(encoder_dir, esm3_dir):
     from esm3_jax.inference.forward import load_esm3, make_forward
-    from esm3_jax.train.vqvae.run import Stage2
+    from esm3_jax.train.vqvae.stages import Stage2
 
     batch = _batch()
     key = jax.random.PRNGKey(7)

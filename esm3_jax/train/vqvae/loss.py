@@ -6,6 +6,7 @@ direction classification, inverse folding, plus the codebook's commitment loss.
 Stage 2 adds the confidence heads' losses: binned per-residue LDDT-CA (pLDDT) and binned aligned
 error (pAE); and for all-atom decoders the distance and direction losses over atom14 (every heavy
 atom) and AlphaFold 2's torsion-angle loss.
+structure_losses assembles a batch's weighted losses (their sum is "total") from the settings.
 """
 
 from __future__ import annotations
@@ -16,13 +17,9 @@ import numpy as np
 
 from esm3_jax.model.frames import gram_schmidt
 from esm3_jax.model.structure_heads import MAX_PAE_BIN, N_DIRECTION_BINS, N_DISTOGRAM_BINS, N_PLDDT_BINS
-from esm3_jax.structure.all_atom import bond_vectors, normalize_torsions
+from esm3_jax.structure.all_atom import atom37_to_atom14, bond_vectors, choose_symmetric_naming, normalize_torsions, torsion_angles
+from esm3_jax.train.vqvae.config import DIRECTION_CLAMP, DISTANCE_CLAMP, VQVAETrainSettings
 
-# Squared-error clamps. The paper gives no values; (5 Å)^2 is a recollection (ESM3_SPEC 5.4). A
-# clamped pair has no gradient, so while most pairs are off by more than the clamp (early
-# training, long crops) only short-range geometry is learned: see BENCHMARKS.md.
-DISTANCE_CLAMP = 25.0
-DIRECTION_CLAMP = 20.0
 DISTOGRAM_EDGES = np.linspace(2.3125, 21.6875, N_DISTOGRAM_BINS - 1, dtype=np.float32)  # Å, AF2's
 LDDT_CUTOFF = 15.0
 LDDT_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
@@ -255,3 +252,50 @@ def torsion_loss(pred_BxLx7x2, true_BxLx7x2, alt_BxLx7x2, mask_BxLx7, residue_ma
     norm = jnp.sqrt(jnp.sum(pred_BxLx7x2.astype(jnp.float32) ** 2, -1) + 1e-8)
     penalty_mask = jnp.broadcast_to(residue_mask_BxL[..., None], mask_BxLx7.shape)
     return masked_mean(sq, mask_BxLx7), masked_mean(jnp.abs(norm - 1.0), penalty_mask)
+
+
+def structure_losses(out: dict, batch: dict, t: VQVAETrainSettings) -> dict[str, jnp.ndarray]:
+    true, mask, weights = batch["coords"], batch["has_structure"], t.loss_weights
+    pred = out["backbone"]
+    losses = {
+        "distance": backbone_distance_loss(pred, true, mask, t.distance_clamp),
+        "direction": backbone_direction_loss(pred, true, mask, t.direction_clamp),
+        "distogram": distogram_loss(out["distogram_logits"], true, mask),
+        "direction_bins": direction_classification_loss(out["direction_logits"], true, mask),
+    }
+    if "sequence_logits" in out:
+        losses["inverse_folding"] = inverse_folding_loss(out["sequence_logits"], batch["aa"], mask)
+    if "commitment" in out:
+        losses["commitment"] = out["commitment"]
+    if weights.fape:
+        losses["fape"] = backbone_fape_loss(out["rot"], out["trans"], pred, true, mask)
+    if weights.plddt:
+        losses["plddt"] = plddt_loss(out["plddt_logits"], pred, true, mask)
+    if weights.pae:
+        losses["pae"] = pae_loss(out["pae_logits"], out["rot"], out["trans"], true, mask)
+    if "atom14" in out:
+        losses.update(all_atom_losses(out, batch, t))
+    losses["total"] = sum(getattr(weights, k) * v for k, v in losses.items())
+    return losses
+
+
+def all_atom_losses(out: dict, batch: dict, t: VQVAETrainSettings) -> dict[str, jnp.ndarray]:
+    """Stage-2 losses of an all-atom decoder against the batch's atom37, each when its weight is on.
+
+    Symmetric side chains (ASP, GLU, PHE, TYR) are compared under the naming closest to the
+    prediction, and the torsion loss takes the closer of a pi-periodic chi's two angles.
+    """
+    w, aa, has = t.loss_weights, batch["aa"], batch["has_structure"]
+    losses = {}
+    if w.all_atom_distance or w.all_atom_direction:
+        true14, mask14 = atom37_to_atom14(batch["atom37"], aa)
+        true14, mask14 = choose_symmetric_naming(out["atom14"], true14, mask14 & has[..., None], aa)
+        if w.all_atom_distance:
+            losses["all_atom_distance"] = all_atom_distance_loss(out["atom14"], true14, mask14, t.distance_clamp)
+        if w.all_atom_direction:
+            losses["all_atom_direction"] = all_atom_direction_loss(out["atom14"], true14, mask14, aa, t.direction_clamp)
+    if w.torsion or w.torsion_norm:
+        tors = torsion_angles(batch["atom37"], aa)
+        losses["torsion"], losses["torsion_norm"] = torsion_loss(
+            out["torsions"], tors["sin_cos"], tors["alt_sin_cos"], tors["mask"] & has[..., None], has)
+    return losses

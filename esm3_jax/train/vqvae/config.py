@@ -1,0 +1,112 @@
+"""The train-vqvae config (configs/vqvae_*.yaml): encoder, decoder and training settings, read
+and validated by the shared loader esm3_jax.config.load_config_file."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from esm3_jax.config import load_config_file
+from esm3_jax.model.vqvae import DecoderConfig, EncoderConfig
+
+# Squared-error clamps. The paper gives no values; (5 Å)^2 is a recollection (ESM3_SPEC 5.4). A
+# clamped pair has no gradient, so while most pairs are off by more than the clamp (early
+# training, long crops) only short-range geometry is learned: see BENCHMARKS.md.
+DISTANCE_CLAMP = 25.0
+DIRECTION_CLAMP = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    distance: float = 1.0
+    direction: float = 1.0
+    distogram: float = 1.0
+    direction_bins: float = 1.0
+    inverse_folding: float = 1.0
+    commitment: float = 1.0  # on top of the codebook's own 0.25
+    # Backbone FAPE: not in the paper, chiral. Experimental: it made mirrored folds more common in
+    # the small run (BENCHMARKS.md), a sign of a frame-convention mismatch not yet checked.
+    fape: float = 0.0
+    plddt: float = 0.0  # stage 2
+    pae: float = 0.0  # stage 2
+    # Stage 2 with an all-atom decoder (decoder.all_atom): the distance and direction losses over
+    # atom14, the torsion-angle loss and its unit-norm penalty (AlphaFold 2 weighs that 0.02).
+    all_atom_distance: float = 0.0
+    all_atom_direction: float = 0.0
+    torsion: float = 0.0
+    torsion_norm: float = 0.0
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"train.loss_weights.{f.name} must be >= 0, got {getattr(self, f.name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAETrainSettings:
+    stage: int = 1
+    encoder_checkpoint: str = ""  # stage 2: the frozen encoder (a structure-encoder params dir)
+    data_dir: str = ""  # folder with index.jsonl; '' = ../shared/data/structures
+    max_train_chains: int = 0  # 0 = all
+    max_valid_chains: int = 0
+    crop_length: int = 128
+    batch_size: int = 8
+    steps: int = 1000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip_norm: float = 1.0
+    seed: int = 0
+    output_dir: str = "runs/vqvae"
+    log_every: int = 10
+    checkpoint_every: int = 500
+    # Steps during which the decoder reads the continuous encoder output (no quantisation); the
+    # codebook is then fitted to the encoder's outputs. Keeps a codebook fitted to an untrained
+    # encoder from collapsing onto a handful of codes.
+    vq_warmup_steps: int = 0
+    eval_max_length: int = 512
+    loss_weights: LossWeights = dataclasses.field(default_factory=LossWeights)
+    distance_clamp: float = DISTANCE_CLAMP  # Å^2, on the backbone distance loss's squared errors
+    direction_clamp: float = DIRECTION_CLAMP
+    # Stage 2 sub-stages 2B/2C (ESM3_SPEC 5.4): an esm3-jax ESM3 checkpoint whose structure
+    # predictions from the sequence alone replace the encoder's tokens in a random fraction of
+    # the samples, so that the decoder and its confidence heads see ESM3's outputs.
+    esm3_checkpoint: str = ""
+    esm3_token_probability: float = 0.5
+
+    def validate(self) -> None:
+        if self.distance_clamp <= 0 or self.direction_clamp <= 0:
+            raise ValueError("train.distance_clamp and train.direction_clamp must be positive")
+        if self.stage not in (1, 2):
+            raise ValueError(f"train.stage must be 1 or 2, got {self.stage}")
+        if self.stage == 2 and not self.encoder_checkpoint:
+            raise ValueError("train.stage 2 trains a decoder for a frozen encoder: set train.encoder_checkpoint")
+        if self.esm3_checkpoint and self.stage != 2:
+            raise ValueError("train.esm3_checkpoint (ESM3-predicted tokens) is a stage-2 option")
+        if not 0.0 <= self.esm3_token_probability <= 1.0:
+            raise ValueError(f"train.esm3_token_probability must be in [0, 1], got {self.esm3_token_probability}")
+        for name in ("crop_length", "batch_size", "steps", "log_every", "checkpoint_every", "eval_max_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.stage == 1 and not 0 <= self.vq_warmup_steps < self.steps:
+            # The codebook is fitted to the encoder at the end of the warm-up: a run that ends
+            # before it would export codes fitted to the untrained encoder.
+            raise ValueError(f"train.vq_warmup_steps={self.vq_warmup_steps} must be in [0, train.steps={self.steps})")
+        self.loss_weights.validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAEConfig:
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+    train: VQVAETrainSettings = dataclasses.field(default_factory=VQVAETrainSettings)
+
+    def validate(self) -> None:
+        self.encoder.validate()
+        self.decoder.validate()
+        self.train.validate()
+
+
+def load_vqvae_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> VQVAEConfig:
+    return load_config_file(VQVAEConfig, path, overrides)
