@@ -38,6 +38,7 @@ setup(
             "httpx",  # imported by esm but not declared by it
             "freesasa==2.2.1",  # cross-check of our Shrake-Rupley SASA
             "matplotlib",  # plot-metrics
+            "import-linter>=2.1",  # lint-imports: the package's layers (.importlinter)
         ],
         # Ahead-of-time compilation for TPU topologies from any machine (`esm3-jax aot`).
         "tpu-aot": ["libtpu"],

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/tiny.yaml}
 RECORDS=runs/demo_records
 
-# XLA:CPU steps run ~1.6x faster under tcmalloc (esm3_jax/allocator.py), which esm3-jax uses when
+# XLA:CPU steps run ~1.6x faster under tcmalloc (esm3_jax/runtime/allocator.py), which esm3-jax uses when
 # installed. On Debian/Ubuntu as root, install it; elsewhere say how.
 if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -4,7 +4,6 @@ symmetric side chains and gradients."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import biotite.structure as struc
 import jax
@@ -17,8 +16,8 @@ from esm3_jax.model.vqvae import AMINO_ACIDS, aa_indices
 from esm3_jax.structure import all_atom as AA
 from esm3_jax.structure import residue_constants as rc
 from esm3_jax.structure import rigid_groups as G
+from tests.paths import STRUCTURES
 
-STRUCTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "structures"
 # Registry chains (well-refined ones: older low-resolution entries deviate more from ideal
 # geometry): BPTI (58 residues), a 58-residue chain of 7CFN, a 235-residue chain of 6WG6 and an
 # LDH (314).

@@ -3,14 +3,13 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from esm3_jax.runtime import allocator
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-CODE = "from esm3_jax import allocator; allocator.reexec_under_tcmalloc(); print(allocator.active())"
+CODE = "from esm3_jax.runtime import allocator; allocator.reexec_under_tcmalloc(); print(allocator.active())"
 
 
 def _run(**env):

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +18,8 @@ from esm3_jax.model.config import ModelConfig
 from esm3_jax.model.esm3 import ESM3
 from esm3_jax.model.layers import dot_product_attention
 from tests.reference import relative_error
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(d_model=64, n_heads=4, n_layers=2, v_heads=4)
 B, L = 4, 128  # the splash kernel's blocks are multiples of 128
 

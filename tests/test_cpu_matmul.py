@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esm3_jax.bench import cli as bench
+from esm3_jax.bench import train_step as bench
 from esm3_jax.runtime import cpu_matmul
 
 

@@ -13,9 +13,8 @@ import pytest
 from esm3_jax import tokens
 from esm3_jax.structure import features, io
 from esm3_jax.structure import residue_constants as rc
+from tests.paths import STRUCTURES
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-STRUCTURES = DATA / "structures"
 needs_data = pytest.mark.skipif(
     not (STRUCTURES / "index.jsonl").is_file(), reason=f"real structure data not found at {STRUCTURES}"
 )

@@ -13,8 +13,8 @@ from esm3_jax import cli
 from esm3_jax import tokens as T
 from esm3_jax.data import function_tokens as ft
 from esm3_jax.data import sources as src
+from tests.paths import DATA
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SCOPE_DES = DATA / "annotations" / "scope" / "scope_2.07_dir.des.txt.gz"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +9,8 @@ import pytest
 from esm3_jax.structure import geometry as geo
 from esm3_jax.structure import io
 from esm3_jax.structure import residue_constants as rc
+from tests.paths import STRUCTURES
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-STRUCTURES = DATA / "structures"
 needs_data = pytest.mark.skipif(
     not (STRUCTURES / "index.jsonl").is_file(), reason=f"real structure data not found at {STRUCTURES}"
 )

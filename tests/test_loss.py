@@ -9,7 +9,8 @@ import pytest
 from esm3_jax import tokens
 from esm3_jax.train import loss as loss_lib
 from esm3_jax.train import optim
-from esm3_jax.train.config import TRACKS, LossWeights, TrainConfig
+from esm3_jax.batch import TRACKS
+from esm3_jax.train.config import LossWeights, TrainConfig
 
 B, L = 2, 7
 SIZES = {"sequence": 64, "structure": 4096, "ss8": 11, "sasa": 19}
@@ -154,7 +155,7 @@ def test_weight_decay_mask_on_the_model_parameters():
     """Decay every weight matrix; exempt norms, biases, embedding tables and the geometric scales."""
     from esm3_jax.model.config import ModelConfig
     from esm3_jax.model.esm3 import ESM3
-    from esm3_jax.train.state import example_inputs
+    from esm3_jax.batch import example_inputs
 
     params = jax.eval_shape(
         lambda: ESM3(ModelConfig()).init(jax.random.PRNGKey(0), **example_inputs(1, 8))["params"])

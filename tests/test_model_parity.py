@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +12,10 @@ from esm3_jax import tokens as T
 from esm3_jax.compat.esm3_weights import esm3_params_to_torch, infer_esm3_config, torch_to_esm3_params
 from esm3_jax.model.esm3 import ESM3
 from tests.reference import build_reference_esm3, relative_error, run_reference
+from tests.paths import CONFIGS, DATA
 
 TOL = 1e-4
 D, H, VH, NL = 64, 4, 8, 3
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +163,7 @@ def test_state_dict_round_trip_loads_strictly_into_reference(reference):
 def test_open_model_shape_parameter_count():
     from esm3_jax.train.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "esm3_open_1.4b.yaml").model
+    cfg = load_config(CONFIGS / "esm3_open_1.4b.yaml").model
     assert cfg.param_count() == 1_401_735_748
     abstract = jax.eval_shape(
         lambda: ESM3(cfg).init(jax.random.key(0), sequence_tokens=jnp.zeros((1, 4), jnp.int32))
@@ -197,7 +196,7 @@ def test_every_parameter_carries_logical_axis_names():
 
     from esm3_jax.train.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").model
+    cfg = load_config(CONFIGS / "tiny.yaml").model
     boxed = jax.eval_shape(lambda: ESM3(cfg).init(jax.random.key(0), sequence_tokens=jnp.zeros((1, 4), jnp.int32)))
     leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)

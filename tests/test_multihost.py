@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.paths import DEMO, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "demo_data"
 STEPS = 4
 
 

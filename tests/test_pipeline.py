@@ -11,7 +11,6 @@ import dataclasses
 import gzip
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +19,9 @@ from esm3_jax import tokens as T
 from esm3_jax.data import pipeline as P
 from esm3_jax.data import records as R
 from esm3_jax.data.config import DataConfig, DatasetSpec, NoiseConfig
+from tests.paths import DATA, STRUCTURES
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SIDECHAINNET = DATA / "sequences" / "pdb_chains_seq_dssp8.sidechainnet.jsonl.gz"
-STRUCTURES = DATA / "structures"
 
 NO_DROPOUT = NoiseConfig(**{f"{t}_dropout": 0.0 for t in ("structure", "coordinates", "ss8", "sasa", "function",
                                                           "residue_annotation")})
@@ -327,6 +325,7 @@ def test_packed_proteins_do_not_see_each_other_through_the_model(struct_dir):
     import flax.linen as nn
     import jax
 
+    from esm3_jax.batch import INPUT_KEYS
     from esm3_jax.model.config import ModelConfig
 
     batches = _take(P.make_iterator(_cfg(struct_dir, max_length=256, batch_size=4), process_index=0,
@@ -335,7 +334,7 @@ def test_packed_proteins_do_not_see_each_other_through_the_model(struct_dir):
         {k: v[r : r + 1] for k, v in b.items()}
         for b in batches for r in range(4) if b["sequence_id"][r].max() >= 2
     )
-    inputs = {k: row[k] for k in esm3.INPUT_KEYS}
+    inputs = {k: row[k] for k in INPUT_KEYS}
     model = esm3.ESM3(ModelConfig())
     # Any weights will do for an isolation test, so skip the (slow on CPU) initialisers: take the
     # parameter shapes from a trace and fill them with random normals.
@@ -424,9 +423,13 @@ def test_mixture_follows_weights(seq_dir, struct_dir):
 def test_global_arrays_are_sharded_over_data_axes(seq_dir):
     import jax
 
+    from esm3_jax.train import sharding as shd
+    from esm3_jax.train.config import LogicalRules
+
     mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
     batch = next(P.make_iterator(_cfg(seq_dir), process_index=0, process_count=1))
-    arrays = P.to_global_arrays(batch, mesh)
+    rules = LogicalRules().as_flax_rules()
+    arrays = shd.global_batch(batch, shd.batch_shardings(batch, mesh, rules), len(batch["sequence_id"]))
     assert set(arrays) == set(P.BATCH_KEYS)
     for k, v in arrays.items():
         assert v.shape == batch[k].shape and v.dtype == batch[k].dtype

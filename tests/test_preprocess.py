@@ -18,10 +18,9 @@ from esm3_jax.data import function_tokens as ft
 from esm3_jax.data import preprocess as pp
 from esm3_jax.data import records
 from esm3_jax.data import sources as src
+from tests.paths import DATA, STRUCTURES
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SEQUENCES = DATA / "sequences"
-STRUCTURES = DATA / "structures"
 SCOPE_DES = DATA / "annotations" / "scope" / "scope_2.07_dir.des.txt.gz"
 SCANNET = DATA / "annotations" / "scannet_ppbs" / "labels_validation_70.txt.gz"
 # Small real chains, all in SCOPe: HIV capsid (a.28.3.1), BPTI (g.8.1.1), a two-domain chain (4CUP A:

@@ -7,15 +7,14 @@ import itertools
 import json
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from esm3_jax import tokens as T
 from esm3_jax.data import records as R
+from tests.paths import DATA
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SIDECHAINNET = DATA / "sequences" / "pdb_chains_seq_dssp8.sidechainnet.jsonl.gz"
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.paths import DEMO, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "demo_data"
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 1)]
 STEPS = 3
 # XLA's persistent compilation cache (keyed by program and jax version): reruns skip the compiles.
@@ -133,7 +132,6 @@ def test_resume_onto_a_different_mesh(worker_results):
     r = worker_results["resume"]
     np.testing.assert_allclose(r["loss_resumed"], r["loss_full"], rtol=2e-5)
     assert r["max_param_diff"] < 1e-5
-
 
 
 # --- the pieces, without devices ----------------------------------------------------------------

@@ -14,9 +14,8 @@ import pytest
 
 from esm3_jax.structure import io
 from esm3_jax.structure import residue_constants as rc
+from tests.paths import STRUCTURES
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-STRUCTURES = DATA / "structures"
 pytestmark = pytest.mark.skipif(
     not (STRUCTURES / "index.jsonl").is_file(), reason=f"real structure data not found at {STRUCTURES}"
 )

@@ -6,14 +6,13 @@ import gzip
 import itertools
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from esm3_jax import tokens as T
+from tests.paths import DATA
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SIDECHAINNET = DATA / "sequences" / "pdb_chains_seq_dssp8.sidechainnet.jsonl.gz"
 
 RESIDUE_LETTERS = "LAGVSERTIDPKQNFYMHWC"

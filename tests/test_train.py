@@ -25,9 +25,8 @@ from esm3_jax.cli import main as cli_main
 from esm3_jax.train.config import load_config
 from esm3_jax.train import checkpoint as ckpt_lib
 from esm3_jax.train.loop import TrainingDiverged, train
+from tests.paths import DEMO, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "demo_data"
 STEPS = 12
 
 
@@ -119,7 +118,7 @@ def test_training_learns_logs_validates_and_checkpoints(reference_run):
 
 
 def test_validation_line_names_the_tracks_without_held_out_labels():
-    from esm3_jax.train.loop import _format_eval
+    from esm3_jax.train.evaluate import format_eval as _format_eval
 
     line = _format_eval({"sequence/nll": 2.5, "sequence/accuracy": 0.2, "ss8/nll": 1.25, "ss8/accuracy": 0.5})
     assert line.startswith("sequence=2.500 ss8=1.250 (no held-out labels: ")

@@ -3,7 +3,6 @@ the same random weights, invariances, the EMA codebook, the losses, conversion a
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +21,8 @@ from esm3_jax.compat.tokenizer_weights import (
 )
 from esm3_jax.train.vqvae import loss as VL
 from tests.reference import relative_error
+from tests.paths import STRUCTURES
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-STRUCTURES = DATA / "structures"
 # Two small real chains: a 58-residue BPTI and a 70-residue capsid domain (registry data).
 FILES = (("mdanalysis_mmcif/5PTI.cif.gz", "A"), ("biopython_tests/1A8O.cif.gz", "A"))
 D, VH, DOUT, NCODES, DEC_HEADS = 64, 8, 16, 64, 4

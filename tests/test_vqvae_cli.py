@@ -14,9 +14,8 @@ import pytest
 
 from esm3_jax import tokens as T
 from esm3_jax.cli import main
+from tests.paths import CONFIGS, STRUCTURES
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-STRUCTURES = DATA / "structures"
 FILES = ("mdanalysis_mmcif/5PTI.cif.gz", "mustang_testdata/1paa.pdb.gz")
 D, VH, DOUT, NCODES, HEADS = 64, 8, 16, 64, 4
 
@@ -148,7 +147,7 @@ def test_folded_token_table_decodes_like_training():
 def test_train_vqvae_tiny_run_and_resume(tmp_path, capsys):
     if not STRUCTURES.is_dir():
         pytest.skip(f"real structures not found at {STRUCTURES} (the shared data folder is absent)")
-    config = Path(__file__).resolve().parents[1] / "configs" / "vqvae_small.yaml"
+    config = CONFIGS / "vqvae_small.yaml"
     overrides = [
         "encoder.d_model=32", "encoder.v_heads=4", "encoder.d_out=8", "encoder.n_codes=32", "decoder.d_model=32",
         "decoder.n_heads=2", "decoder.n_layers=1", "train.steps=3", "train.log_every=1", "train.batch_size=2",

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from esm3_jax.bench.train_step import bench_train_step
 from esm3_jax.data.config import DataConfig, DatasetSpec
 from esm3_jax.data.pipeline import make_iterator
+from esm3_jax.train.config import load_config, resolve_config_path
 
 
 def bench_pipeline(data_dir: str | Path, cfg: DataConfig, n_batches: int, warmup: int = 3) -> dict:
@@ -54,3 +56,17 @@ def bench_pipeline(data_dir: str | Path, cfg: DataConfig, n_batches: int, warmup
         "records_per_cpu_s": proteins / cpu_seconds,
         "tokens_per_cpu_s": tokens / cpu_seconds,
     }
+
+
+def bench_data(data_dir: str, config: str, n_batches: int) -> dict:
+    cfg = load_config(resolve_config_path(config))
+    p = bench_pipeline(data_dir, cfg.data, n_batches)
+    print(f"pipeline ({data_dir}, one worker, batch {cfg.data.batch_size} x {cfg.data.max_length}, "
+          f"packing {cfg.data.packing}): {p['records_per_s']:.0f} records/s, {p['tokens_per_s']:.0f} tokens/s "
+          f"({p['padded_tokens_per_s']:.0f} padded tokens/s, rows {100 * p['row_fill']:.0f}% full)")
+    t = bench_train_step(config, cfg.data.batch_size, cfg.data.max_length, steps=3, verbose=False)
+    ratio = p["padded_tokens_per_s"] / t["tokens_per_s"]
+    print(f"train step ({config}, same batch shape): {t['tokens_per_s']:.0f} tokens/s")
+    print(f"pipeline / train step: {ratio:.1f}x  ({'ok' if ratio >= 20 else 'BELOW'} the 20x target)")
+    p.update(train_tokens_per_s=t["tokens_per_s"], ratio=ratio)
+    return p

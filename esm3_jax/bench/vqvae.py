@@ -17,14 +17,14 @@ import jax
 import numpy as np
 
 from esm3_jax import tokens as T
-from esm3_jax.bench.cli import time_fn
+from esm3_jax.runtime.hardware import time_fn
+from esm3_jax.train.vqvae.data import SHARED_STRUCTURES_DIR
 from esm3_jax.model.vqvae import RELEASED_DECODER, RELEASED_ENCODER, DecoderConfig, EncoderConfig, StructureDecoder, StructureEncoder
 from esm3_jax.compat.tokenizer_weights import decoder_from_torch, encoder_from_torch
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "structures"
 
 
-def real_backbones(n_chains: int, length: int, data_dir: Path = DEFAULT_DATA) -> tuple[np.ndarray, np.ndarray]:
+def real_backbones(n_chains: int, length: int, data_dir: Path = SHARED_STRUCTURES_DIR) -> tuple[np.ndarray, np.ndarray]:
     """(B, L, 3, 3) backbones and (B, L) residue numbers: the first chains of index.jsonl that are
     at least `length` long, cut to `length`."""
     from esm3_jax.structure.io import load_chain

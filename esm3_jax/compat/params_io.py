@@ -1,14 +1,18 @@
-"""Model checkpoint directories: parameters (Orbax) plus the model config, in one folder.
+"""Parameters on disk: params checkpoints, and the parameters of a training run's checkpoints.
 
 Layout of a params checkpoint written by `save_params` (used by `convert` and for exported models):
     DIR/esm3_jax.yaml    kind (esm3 | structure-encoder | structure-decoder) and the model config
     DIR/params/          Orbax PyTree checkpoint of the (unboxed) parameter tree
+A training run's checkpoints (train/checkpoint.py writes them) are read here too, to the host, so
+that inference and `convert --export` take either without knowing about training.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import warnings
 
 import jax
 import numpy as np
@@ -36,8 +40,6 @@ def load_params(directory: str | Path) -> tuple[str, dict, Any]:
     meta_path = directory / META_FILE
     if not meta_path.is_file() and directory.is_dir():
         # A training run (its output_dir or checkpoints/ folder): the latest step's params.
-        from esm3_jax.train.checkpoint import checkpoint_dir_of, read_checkpoint
-
         ckpt_dir = checkpoint_dir_of(directory)
         if any(p.name.isdigit() for p in ckpt_dir.iterdir()):
             info = read_checkpoint(ckpt_dir)
@@ -53,3 +55,37 @@ def load_params(directory: str | Path) -> tuple[str, dict, Any]:
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(directory / "params")
     return meta["kind"], meta["model"], jax.tree.map(np.asarray, params)
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint where one was expected."""
+
+
+def read_checkpoint(directory: str | Path, step: int | None = None) -> dict[str, Any]:
+    """Read a checkpoint's step, config, meta and parameters onto the host (numpy), for inspection."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint folder")
+    mngr = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise CheckpointError(f"{directory}: no complete checkpoint steps found")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"{directory}: no step {step}; available: {steps}")
+    with warnings.catch_warnings():
+        # Reading to host numpy needs no shardings; Orbax warns that it has none to apply.
+        warnings.simplefilter("ignore", UserWarning)
+        meta_tree = mngr.item_metadata(step)["state"]
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta_tree)
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=meta_tree, restore_args=restore_args),
+            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    mngr.close()
+    return {"step": step, "steps": steps, "state": out.state, "config": out.config, "meta": out.meta}
+
+
+def checkpoint_dir_of(path: str | Path) -> Path:
+    """Accept a run's output_dir as well as its checkpoints/ folder."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path

@@ -13,9 +13,8 @@ Stages (one Grain graph, so the whole thing is deterministic and checkpointable)
    host's rows, and `worker_count` grain processes when asked.
 
 Malformed records are skipped and counted (the count lives in the iterator state, see
-`malformed_count`). `to_global_arrays` turns a host batch into `jax.Array`s sharded over the
-mesh's ("data", "fsdp") axes. The key set is the batch contract shared with the loss and the
-train step; every key is present in every batch.
+`malformed_count`). The keys, shapes and pads are batch.py's; every key is present in every
+batch. Placing a host's rows on the devices is train/sharding.py's `global_batch`.
 """
 
 from __future__ import annotations
@@ -23,47 +22,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
 from esm3_jax import tokens as T
+from esm3_jax.batch import BATCH_KEYS, TRAINING_FIELDS, Field  # noqa: F401  (BATCH_KEYS: the keys of every batch)
 from esm3_jax.data.config import DataConfig, NoiseConfig
 from esm3_jax.data.noise import sample_mask
 from esm3_jax.data.records import ProteinRecord, RecordFormatError, deserialize, open_source
 
 log = logging.getLogger(__name__)
 
-# key -> (per-position trailing shape, dtype, padding value). Order = the batch contract's.
-_FIELDS: dict[str, tuple[tuple[int, ...], type, Any]] = {
-    "sequence_tokens": ((), np.int32, T.SEQUENCE_PAD),
-    "structure_tokens": ((), np.int32, T.STRUCTURE_PAD),
-    "ss8_tokens": ((), np.int32, T.SS8_PAD),
-    "sasa_tokens": ((), np.int32, T.SASA_PAD),
-    "function_tokens": ((T.FUNCTION_DEPTH,), np.int32, T.FUNCTION_PAD),
-    "residue_annotation_tokens": ((T.RESIDUE_MAX_ANNOTATIONS,), np.int32, T.RESIDUE_PAD),
-    "average_plddt": ((), np.float32, 0.0),
-    "per_res_plddt": ((), np.float32, 0.0),
-    "structure_coords": ((3, 3), np.float32, np.nan),
-    "chain_id": ((), np.int32, 0),
-    "sequence_target": ((), np.int32, T.SEQUENCE_PAD),
-    "structure_target": ((), np.int32, T.STRUCTURE_PAD),
-    "ss8_target": ((), np.int32, T.SS8_PAD),
-    "sasa_target": ((), np.int32, T.SASA_PAD),
-    "function_target": ((T.FUNCTION_DEPTH,), np.int32, T.FUNCTION_PAD),
-    "residue_annotation_target": ((T.RESIDUE_MAX_ANNOTATIONS,), np.int32, T.RESIDUE_PAD),
-    "sequence_loss_mask": ((), np.bool_, False),
-    "structure_loss_mask": ((), np.bool_, False),
-    "ss8_loss_mask": ((), np.bool_, False),
-    "sasa_loss_mask": ((), np.bool_, False),
-    "function_loss_mask": ((), np.bool_, False),
-    "residue_annotation_loss_mask": ((), np.bool_, False),
-}
+# Every array of a batch but sequence_id, which the packer writes as its segment ids (batch.py).
+_FIELDS: dict[str, Field] = {k: f for k, f in TRAINING_FIELDS.items() if k != "sequence_id"}
 # Optional provenance per position (dataset number, record number within it), for tests/debugging.
-_SOURCE_FIELDS = {"source_dataset": ((), np.int32, -1), "source_index": ((), np.int32, -1)}
-BATCH_KEYS: tuple[str, ...] = (*_FIELDS, "sequence_id")
+_SOURCE_FIELDS = {"source_dataset": Field((), np.int32, -1), "source_index": Field((), np.int32, -1)}
 
 # Sequence ids that are not residues: no masking, no loss, structure specials patched in.
 _NOT_RESIDUE = np.zeros(T.SEQUENCE_EMBED_ROWS, bool)
@@ -299,15 +275,15 @@ class _ColumnLayout:
     value) where sequence_id is 0.
     """
 
-    fields: dict[str, tuple[tuple[int, ...], type, Any]]
+    fields: dict[str, Field]
 
     @functools.cached_property
     def groups(self) -> dict[str, list[tuple[str, int, int]]]:
         out: dict[str, list[tuple[str, int, int]]] = {}
-        for name, (trailing, dtype, _) in self.fields.items():
-            cols = out.setdefault(np.dtype(dtype).name, [])
+        for name, field in self.fields.items():
+            cols = out.setdefault(np.dtype(field.dtype).name, [])
             start = cols[-1][2] if cols else 0
-            cols.append((name, start, start + int(np.prod(trailing, dtype=np.int64))))
+            cols.append((name, start, start + int(np.prod(field.trailing, dtype=np.int64))))
         return out
 
     def join(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -324,7 +300,7 @@ class _ColumnLayout:
         for group, cols in self.groups.items():
             block = batch[group]
             for name, start, stop in cols:
-                trailing, _, pad = self.fields[name]
+                trailing, pad = self.fields[name].trailing, self.fields[name].pad
                 value = np.ascontiguousarray(block[:, :, start:stop]).reshape(*block.shape[:2], *trailing)
                 value[padding] = pad
                 out[name] = value
@@ -433,32 +409,3 @@ def malformed_count(state_or_iterator) -> int:
         return 0
 
     return walk(state)
-
-
-# --- device placement --------------------------------------------------------------------------
-
-
-def batch_sharding(mesh):
-    """NamedSharding of a batch: dim 0 split over the mesh's "data" and "fsdp" axes, rest replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(axes or None))
-
-
-def to_global_arrays(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
-    """Assemble every host's rows into global `jax.Array`s (global batch = sum of host batches)."""
-    import jax
-
-    sharding = batch_sharding(mesh)
-    shards = int(np.prod([mesh.shape[a] for a in sharding.spec[0]])) if sharding.spec[0] else 1
-    rows = next(iter(local_batch.values())).shape[0] * jax.process_count()
-    if rows % shards:
-        raise ValueError(f"global batch of {rows} rows does not split over {shards} data x fsdp shards")
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-
-
-def global_batches(iterator: Iterator[dict[str, np.ndarray]], mesh) -> Iterator[dict[str, Any]]:
-    """Yield `to_global_arrays` of each host batch of `iterator` (keep `iterator` for checkpoints)."""
-    for batch in iterator:
-        yield to_global_arrays(batch, mesh)

@@ -19,7 +19,8 @@ from esm3_jax.runtime import cpu_matmul
 from esm3_jax import tokens as T
 from esm3_jax.model.config import model_config_from_dict
 from esm3_jax.model.config import ModelConfig
-from esm3_jax.model.esm3 import ESM3, INPUT_KEYS, TRACK_KEYS
+from esm3_jax.batch import INPUT_KEYS, TRACK_KEYS
+from esm3_jax.model.esm3 import ESM3
 from esm3_jax.compat.params_io import load_params
 
 

@@ -14,21 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from esm3_jax import tokens as T
+from esm3_jax.batch import TRACK_KEYS
 from esm3_jax.model.config import ModelConfig
 from esm3_jax.model.frames import backbone_frames
-from esm3_jax.model.geom_attention import GeometricAttention
-from esm3_jax.model.layers import (
-    BATCH,
-    EMBED,
-    LENGTH,
-    LayerNorm,
-    MultiHeadAttention,
-    RegressionHead,
-    SwiGLU,
-    constrain,
-    param,
-    rotary_cos_sin,
-)
+from esm3_jax.model.layers import BATCH, EMBED, LENGTH, LayerNorm, RegressionHead, constrain, param
+from esm3_jax.model.transformer import Trunk
 
 # Output heads: name -> number of logits (the function head's 2080 = 8 x 260 is reshaped).
 HEADS = {
@@ -47,29 +37,6 @@ OUTPUT_KEYS = {
     "function": "function_logits",
     "residue": "residue_logits",
 }
-INPUT_KEYS = (
-    "sequence_tokens",
-    "structure_tokens",
-    "ss8_tokens",
-    "sasa_tokens",
-    "function_tokens",
-    "residue_annotation_tokens",
-    "average_plddt",
-    "per_res_plddt",
-    "structure_coords",
-    "chain_id",
-    "sequence_id",
-)
-
-# The inputs that carry a track (and so fix batch and length); the rest only annotate it.
-TRACK_KEYS = tuple(k for k in INPUT_KEYS if k not in ("average_plddt", "per_res_plddt", "chain_id", "sequence_id"))
-
-REMAT_POLICIES = {
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
-
-
 def plddt_rbf(values: jnp.ndarray, n_bins: int = T.PLDDT_RBF_BINS) -> jnp.ndarray:
     """16 Gaussian features of a value in [0, 1]: centres linspace(0, 1, 16), width 1/16."""
     centres = jnp.linspace(0.0, 1.0, n_bins, dtype=jnp.float32)
@@ -163,80 +130,6 @@ class EncodeInputs(nn.Module):
         counts = counts.at[..., T.RESIDUE_PAD].set(0.0)
         h += counts @ w_ra
         return h
-
-
-class Block(nn.Module):
-    """Pre-LN block: x += MHA(x)/s; [x += GeomMHA(x)/s]; x += FFN(x)/s."""
-
-    config: ModelConfig
-    use_geom: bool = False
-
-    @nn.compact
-    def __call__(self, x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL=None, geom=None):
-        cfg = self.config
-        dt = cfg.dtype
-        s = cfg.residual_scale
-        x_BxLxD = constrain(x_BxLxD, (BATCH, LENGTH, EMBED))
-        a = MultiHeadAttention(cfg.d_model, cfg.n_heads, dt, cfg.attention, name="attn")(
-            x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL
-        )
-        x_BxLxD = x_BxLxD + a.astype(x_BxLxD.dtype) / s
-        if self.use_geom:
-            g = GeometricAttention(cfg.d_model, cfg.v_heads, mask_and_zero_frameless=True,
-                                   chunk_bytes=cfg.geom_chunk_bytes or None, name="geom_attn")(
-                x_BxLxD, *geom
-            )
-            x_BxLxD = x_BxLxD + g.astype(x_BxLxD.dtype) / s
-        f = SwiGLU(cfg.d_model, cfg.ffn_hidden, dtype=dt, name="ffn")(x_BxLxD)
-        return x_BxLxD + f.astype(x_BxLxD.dtype) / s
-
-
-class _ScanBody(nn.Module):
-    """A plain block with the (carry, broadcast args) -> (carry, out) signature nn.scan wants."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x, mask_BxLxL, cos, sin, segment_ids_BxL):
-        block = Block
-        if self.config.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
-        return block(self.config, name="block")(x, mask_BxLxL, cos, sin, segment_ids_BxL), None
-
-
-class Trunk(nn.Module):
-    """Geometric blocks first (unscanned), then the plain blocks, scanned or unrolled."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_BxLxD, mask_BxLxL, geom, segment_ids_BxL=None):
-        """mask: True where a query may see a key (None: everywhere); segment_ids: the same packing
-        as ids per position, for the attention kernels that take it that way (splash)."""
-        cfg = self.config
-        cos, sin = rotary_cos_sin(x_BxLxD.shape[1], cfg.d_head)
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=())
-        for i in range(cfg.n_layers_geom):
-            x_BxLxD = block(cfg, use_geom=True, name=f"geom_block_{i}")(
-                x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL, geom
-            )
-        n_plain = cfg.n_layers - cfg.n_layers_geom
-        if n_plain and cfg.scan_layers:
-            stack = nn.scan(
-                _ScanBody,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=n_plain,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x_BxLxD, _ = stack(cfg, name="blocks")(x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL)
-        else:
-            for i in range(n_plain):
-                x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL)
-        return x_BxLxD
 
 
 class ESM3(nn.Module):

@@ -27,7 +27,7 @@ import numpy as np
 from esm3_jax import tokens as T
 from esm3_jax.model.codebook import EMACodebook
 from esm3_jax.model.config import ModelConfig
-from esm3_jax.model.esm3 import Trunk
+from esm3_jax.model.transformer import Trunk
 from esm3_jax.model.frames import backbone_frames
 from esm3_jax.model.geom_attention import GeometricAttention
 from esm3_jax.model.layers import EMBED, LayerNorm, RegressionHead, SwiGLU, fan_in_init, param
@@ -246,7 +246,7 @@ class StructureDecoder(nn.Module):
         sequence_BxL: amino-acid indices into AMINO_ACIDS (20 = unknown), for sequence conditioning.
         code_embeddings_BxLxD: training only; replaces the token table's rows at code positions
         with embeddings computed from the (straight-through) quantised vectors, so the decoder's
-        loss reaches the encoder. `train.vqvae.fold_code_embeddings` writes the same map into the
+        loss reaches the encoder. `train.vqvae.model.fold_code_embeddings` writes the same map into the
         table afterwards, which is all the decoder needs at inference.
         """
         cfg = self.config

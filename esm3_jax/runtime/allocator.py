@@ -2,9 +2,8 @@
 
 XLA:CPU allocates the step's temporaries (GBs for a train step) and frees them every step.
 glibc's malloc serves blocks that large with mmap and returns them with munmap, so every step
-page-faults its working set back in: the small config's train step took 16 s with glibc and
-10 s with tcmalloc on the 2-core development machine (a third of the step was kernel time
-spent zeroing pages). tcmalloc keeps freed memory for reuse. Its release rate is set to 0 (never
+page-faults its working set back in (a third of a CPU train step was kernel time spent zeroing
+pages; BENCHMARKS.md has the measurement). tcmalloc keeps freed memory for reuse. Its release rate is set to 0 (never
 hand memory back: a training process wants its peak again next step) and its warnings about
 allocations over 1 GiB are silenced (model parameters are routinely larger).
 

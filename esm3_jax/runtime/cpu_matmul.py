@@ -1,12 +1,10 @@
 """Which library XLA:CPU runs plain matmuls with, chosen per compiled program.
 
 XLA:CPU hands lone matmuls to YNNPACK by default, and to Eigen when YNNPACK is limited to its
-reduction fusions. On the development machine (AMD EPYC Zen 4, AVX-512, fp32) Eigen's 2048^3
-matmul ran 12-20% faster than YNNPACK's on one core (0-10% on two), and the small train step
-2-18% faster in each of six alternating rounds. On a 2-vCPU Intel Xeon (AVX-512, AMX) the step
-ran 16% faster (medians of 5 alternating rounds, 4 of them won by Eigen; BENCHMARKS.md).
-YNNPACK keeps the reductions (layer-norm and softmax statistics), which it runs faster than
-XLA's own loops: with YNNPACK off altogether the step was slower (one run: 11.4 s against 8.6 s).
+reduction fusions. Eigen is the default because the train step measured faster with it on both
+CPU machines this project was developed on; YNNPACK keeps the reductions (layer-norm and softmax
+statistics), which it runs faster than XLA's own loops. The measurements and their commands are in
+BENCHMARKS.md; `esm3-jax bench train-step --against train.cpu_matmul=ynn` repeats them on any machine.
 The choice travels as a compiler option of one program (`jax.jit(compiler_options=...)`), so
 nothing process-wide changes, and it is not passed for other platforms.
 """

@@ -28,15 +28,15 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from esm3_jax.train.config import Config, load_config
-from esm3_jax.model.flops import train_flops_per_token
+from esm3_jax import batch as batch_lib
 from esm3_jax.model import geom_kernel
-from esm3_jax.model.esm3 import ESM3
-from esm3_jax.train import optim, sharding as shd, state as state_lib, step as step_lib
+from esm3_jax.model.flops import train_flops_per_token
+from esm3_jax.train import sharding as shd
+from esm3_jax.train.config import Config, load_config
+from esm3_jax.train.setup import setup_training
 
 GiB = 2**30
 
@@ -114,16 +114,9 @@ def topology_devices(name: str) -> tuple[Topology, list]:
 
 
 def abstract_batch(cfg: Config, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
-    B, L = cfg.data.batch_size, cfg.data.max_length
-    # The contract's shapes: model inputs as state.example_inputs makes them, targets like inputs.
-    batch = {k: ((B, L) + v.shape[2:], v.dtype) for k, v in state_lib.example_inputs(1, 1).items()}
-    for track, inp in (("sequence", "sequence_tokens"), ("structure", "structure_tokens"), ("ss8", "ss8_tokens"),
-                       ("sasa", "sasa_tokens"), ("function", "function_tokens"),
-                       ("residue_annotation", "residue_annotation_tokens")):
-        batch[f"{track}_target"] = batch[inp]
-        batch[f"{track}_loss_mask"] = ((B, L), jnp.bool_)
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, shd.batch_spec(rules, len(s))))
-            for k, (s, d) in batch.items()}
+    """The run's batch as shapes with their shardings: what the train step is compiled for."""
+    return batch_lib.abstract_batch(cfg.data.batch_size, cfg.data.max_length,
+                                    lambda ndim: NamedSharding(mesh, shd.batch_spec(rules, ndim)))
 
 
 def _compile(cfg: Config, devices, dump_dir: str | None = None) -> Any:
@@ -131,21 +124,13 @@ def _compile(cfg: Config, devices, dump_dir: str | None = None) -> Any:
         # The kernel's default follows the default backend, the CPU here; compile the TPU's.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, geom_chunk_bytes=geom_kernel.default_chunk_bytes(devices[0].platform)))
-    mesh = shd.make_mesh(cfg.mesh, devices)
-    rules = cfg.mesh.rules.as_flax_rules()
-    model = ESM3(cfg.model)
-    tx = optim.make_optimizer(cfg.train)
-    abstract, sh = state_lib.state_shardings(model, tx, mesh, rules)
-    state = state_lib.abstract_with_shardings(abstract, sh)
-    batch = abstract_batch(cfg, mesh, rules)
-    step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, tx, loss_weights=cfg.train.loss_weights.as_dict(),
-                                 grad_accum_steps=cfg.train.grad_accum_steps, mesh=mesh, rules=rules),
-        sh, {k: v.sharding for k, v in batch.items()}, mesh, rules)
+    run = setup_training(cfg, devices)
+    batch = abstract_batch(cfg, run.mesh, run.rules)
+    step = run.train_step({k: v.sharding for k, v in batch.items()})
     # The dump is the only way to the optimized HLO here: compiled.as_text() fails to read back
     # libtpu's module (jaxlib 0.10.2 rejects its async-update instructions).
     options = {"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True} if dump_dir else None
-    return mesh, state_lib.param_count(abstract.params), step.lower(state, batch).compile(compiler_options=options)
+    return run.mesh, run.param_count, step.lower(run.abstract_state_with_shardings(), batch).compile(compiler_options=options)
 
 
 def _flops(compiled) -> float:
@@ -360,11 +345,9 @@ def run_aot(cfg: Config, topology: str, *, progress=lambda msg: None) -> dict[st
             if "CompileTimeHbmOom" not in msg and "RESOURCE_EXHAUSTED" not in msg:
                 raise
             m = _OOM.search(msg)
-            mesh = shd.make_mesh(cfg.mesh, devices)
-            abstract, _ = state_lib.state_shardings(ESM3(cfg.model), optim.make_optimizer(cfg.train), mesh,
-                                                    cfg.mesh.rules.as_flax_rules())
-            out.update(fits=False, compile_s=time.time() - t0, mesh=shd.mesh_summary(mesh),
-                       params=state_lib.param_count(abstract.params), error=msg.splitlines()[0][:400])
+            run = setup_training(cfg, devices)
+            out.update(fits=False, compile_s=time.time() - t0, mesh=shd.mesh_summary(run.mesh),
+                       params=run.param_count, error=msg.splitlines()[0][:400])
             if m:
                 out.update(temp_bytes=_to_bytes(m.group(1), m.group(2)), hbm_reported=_to_bytes(m.group(3), m.group(4)))
             return out

@@ -29,11 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from esm3_jax.compat.params_io import CheckpointError, checkpoint_dir_of, read_checkpoint
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """No usable checkpoint where one was expected."""
 
 
 def _words_u32(x: jax.Array) -> jax.Array:
@@ -144,36 +142,6 @@ class Checkpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
-
-
-def read_checkpoint(directory: str | Path, step: int | None = None) -> dict[str, Any]:
-    """Read a checkpoint's step, config, meta and parameters onto the host (numpy), for inspection."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such checkpoint folder")
-    mngr = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = sorted(mngr.all_steps())
-    if not steps:
-        raise CheckpointError(f"{directory}: no complete checkpoint steps found")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"{directory}: no step {step}; available: {steps}")
-    with warnings.catch_warnings():
-        # Reading to host numpy needs no shardings; Orbax warns that it has none to apply.
-        warnings.simplefilter("ignore", UserWarning)
-        meta_tree = mngr.item_metadata(step)["state"]
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta_tree)
-        out = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=meta_tree, restore_args=restore_args),
-            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    mngr.close()
-    return {"step": step, "steps": steps, "state": out.state, "config": out.config, "meta": out.meta}
-
-
-def checkpoint_dir_of(path: str | Path) -> Path:
-    """Accept a run's output_dir as well as its checkpoints/ folder."""
-    path = Path(path)
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
 def format_info(info: dict[str, Any]) -> str:

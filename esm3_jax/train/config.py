@@ -8,13 +8,12 @@ import dataclasses
 import re
 from pathlib import Path
 
+from esm3_jax.batch import TRACKS
 from esm3_jax.config import load_config_file
 from esm3_jax.data.config import DataConfig, DatasetSpec
 from esm3_jax.model.config import ModelConfig
 from esm3_jax.runtime import cpu_matmul
 
-# The tracks that carry a loss, in the order metrics are reported (the batch contract's names).
-TRACKS = ("sequence", "structure", "ss8", "sasa", "function", "residue_annotation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,3 +234,17 @@ class Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a run config (or the defaults), apply `a.b=value` overrides, validate."""
     return load_config_file(Config, path, overrides)
+
+
+# The configs/ folder of the source tree: `--config small` means configs/small.yaml.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / name_or_path):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"config '{name_or_path}': no such file, and no configs/{name_or_path}.yaml")

@@ -21,19 +21,18 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from esm3_jax.runtime import allocator
 from esm3_jax.config import ConfigError, to_dict
-from esm3_jax.train.config import Config, load_config
 from esm3_jax.model.flops import train_flops_per_token
-from esm3_jax.model.esm3 import ESM3
+from esm3_jax.runtime import allocator, distributed
+from esm3_jax.runtime.hardware import matmul_peak_flops, peak_flops_per_device
 from esm3_jax.train import optim
-from esm3_jax.runtime import distributed
 from esm3_jax.train import sharding as shd
 from esm3_jax.train import state as state_lib
-from esm3_jax.train import step as step_lib
 from esm3_jax.train.checkpoint import Checkpointer
-from esm3_jax.train.config import TRACKS
-from esm3_jax.train.metrics import MetricWriter, peak_flops_per_device
+from esm3_jax.train.config import Config, load_config
+from esm3_jax.train.evaluate import eval_pass, format_eval
+from esm3_jax.train.metrics import MetricWriter
+from esm3_jax.train.setup import setup_training
 
 log = logging.getLogger(__name__)
 
@@ -121,41 +120,6 @@ def _real_tokens(local_batch: dict[str, np.ndarray]) -> int:
     return int(np.count_nonzero(local_batch["sequence_id"]))
 
 
-def _eval_pass(eval_step, params, make_eval_iter, n_batches, batch_shardings, rows) -> dict[str, float]:
-    """Per-track NLL (mean loss over masked positions) and accuracy over `n_batches` held-out batches."""
-    it = make_eval_iter()
-    loss_sum = {t: 0.0 for t in TRACKS}
-    correct = {t: 0.0 for t in TRACKS}
-    count = {t: 0.0 for t in TRACKS}
-    for _ in range(n_batches):
-        batch = shd.global_batch(next(it), batch_shardings, rows)
-        sums, counts = jax.device_get(eval_step(params, batch))
-        for t in TRACKS:
-            loss_sum[t] += float(sums[t][0])
-            correct[t] += float(sums[t][1])
-            count[t] += float(counts[t])
-    # A track with no masked labelled position in the held-out batches (no function annotations
-    # in the split, say) has no NLL: it is left out rather than reported as nan.
-    out = {}
-    for t in TRACKS:
-        if count[t]:
-            out[f"{t}/nll"] = loss_sum[t] / count[t]
-            out[f"{t}/accuracy"] = correct[t] / count[t]
-    return out
-
-
-def _format_eval(eval_metrics: dict[str, float]) -> str:
-    """The validation line: each track's NLL, then the tracks `_eval_pass` had no labels for."""
-    shown, missing = [], []
-    for t in TRACKS:
-        nll = eval_metrics.get(f"{t}/nll")
-        if nll is None:
-            missing.append(t)
-        else:
-            shown.append(f"{t}={nll:.3f}")
-    return " ".join(shown) + (f" (no held-out labels: {', '.join(missing)})" if missing else "")
-
-
 def train(
     cfg: Config,
     *,
@@ -180,13 +144,8 @@ def train(
 
 def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_process) -> RunResult:
     tc = cfg.train
-    mesh = shd.make_mesh(cfg.mesh, devices)
-    rules = cfg.mesh.rules.as_flax_rules()
-    model = ESM3(cfg.model)
-    tx = optim.make_optimizer(tc)
-    abstract, state_sh = state_lib.state_shardings(model, tx, mesh, rules)
-    n_params = state_lib.param_count(abstract.params)
-    say(f"esm3-jax train: {n_params:,} parameters; mesh {shd.mesh_summary(mesh)}; "
+    run = setup_training(cfg, devices)
+    say(f"esm3-jax train: {run.param_count:,} parameters; mesh {shd.mesh_summary(run.mesh)}; "
         f"batch {cfg.data.batch_size} x {cfg.data.max_length} tokens; {tc.steps} steps; "
         f"host allocator {allocator.active()}")
     say(f"  checkpoints -> {tc.checkpoint_dir}\n  tensorboard -> {tc.tensorboard_dir}")
@@ -197,8 +156,7 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
     restored = None
     if tc.resume and ckpt.all_steps():
         _check_same_model(ckpt, cfg_dict)
-        target = state_lib.abstract_with_shardings(abstract.as_dict(), state_sh.as_dict())
-        restored = ckpt.restore_latest(target, train_iter)
+        restored = ckpt.restore_latest(run.restore_target(), train_iter)
     if restored is not None:
         start_step, state_dict = restored
         state = state_lib.TrainState.from_dict(state_dict)
@@ -210,22 +168,17 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
                              checkpoint_dir=tc.checkpoint_dir, tensorboard_dir=tc.tensorboard_dir)
     else:
         start_step = 0
-        state = state_lib.create_state(model, tx, tc.seed, state_sh)
+        state = run.fresh_state()
 
     rows = cfg.data.batch_size
     first_local = next(train_iter)
-    batch_sh = shd.batch_shardings(first_local, mesh, rules)
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, tx, loss_weights=tc.loss_weights.as_dict(),
-                                 grad_accum_steps=tc.grad_accum_steps, mesh=mesh, rules=rules),
-        state_sh, batch_sh, mesh, rules, cpu_matmul=tc.cpu_matmul)
+    batch_sh = run.batch_shardings(first_local)
     t0 = time.time()
     first_batch = shd.global_batch(first_local, batch_sh, rows)
-    compiled = train_step.lower(state, first_batch).compile()
+    compiled = run.train_step(batch_sh).lower(state, first_batch).compile()
     eval_step = None
     if tc.eval_every:
-        eval_step = step_lib.make_eval_step(model, state_sh.params, batch_sh, mesh, rules, cpu_matmul=tc.cpu_matmul)
-        eval_step = eval_step.lower(state.params, first_batch).compile()
+        eval_step = run.eval_step(batch_sh).lower(state.params, first_batch).compile()
     say(f"  compiled in {time.time() - t0:.1f}s")
     distributed.barrier("esm3_jax_train_compiled")
 
@@ -233,8 +186,6 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
     peak = peak_flops_per_device(devices[0].device_kind, tc.peak_flops_per_device)
     if peak is None:
         # No datasheet number for this device (a CPU): measure its matmul rate, so MFU is shown.
-        from esm3_jax.bench.cli import matmul_peak_flops
-
         peak = matmul_peak_flops(jax.numpy.dtype(cfg.model.dtype).name, n=1024, repeats=3)
         say(f"  measured matmul peak of {devices[0].device_kind}: {peak / 1e9:.0f} GFLOP/s per device (for MFU)")
     writer = MetricWriter(tc.tensorboard_dir if main_process else None,
@@ -284,9 +235,9 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
                 writer.scalars(step, {"learning_rate": float(optim.learning_rate_schedule(tc)(step - 1))},
                                prefix="train/")
             if eval_step is not None and step % tc.eval_every == 0:
-                eval_metrics = _eval_pass(eval_step, state.params, make_eval_iter, tc.eval_batches, batch_sh, rows)
+                eval_metrics = eval_pass(eval_step, state.params, make_eval_iter, tc.eval_batches, batch_sh, rows)
                 writer.scalars(step, eval_metrics, prefix="eval/")
-                bar.write(f"step {step} validation NLL: " + _format_eval(eval_metrics))
+                bar.write(f"step {step} validation NLL: " + format_eval(eval_metrics))
             saved = False
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 ckpt.save(step, state.as_dict(), train_iter, cfg_dict)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from esm3_jax import tokens
-from esm3_jax.train.config import TRACKS
+from esm3_jax.batch import TRACKS
 
 # track -> (logits key in the model output, target key, loss-mask key in the batch)
 CATEGORICAL_TRACKS = {

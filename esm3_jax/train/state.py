@@ -17,11 +17,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from esm3_jax.model.esm3 import INPUT_KEYS
+from esm3_jax.batch import example_inputs
 from esm3_jax.train import sharding as shd
-
-# The model's keyword inputs: the batch contract uses the same names.
-MODEL_INPUT_KEYS = INPUT_KEYS
 
 
 @flax.struct.dataclass
@@ -39,19 +36,6 @@ class TrainState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainState":
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
-
-
-def example_inputs(batch: int, length: int) -> dict[str, jax.Array]:
-    """Zero inputs of the contract's shapes and dtypes: enough to create the parameters."""
-    i32 = lambda *s: jnp.zeros(s, jnp.int32)
-    f32 = lambda *s: jnp.zeros(s, jnp.float32)
-    return dict(
-        sequence_tokens=i32(batch, length), structure_tokens=i32(batch, length), ss8_tokens=i32(batch, length),
-        sasa_tokens=i32(batch, length), function_tokens=i32(batch, length, 8),
-        residue_annotation_tokens=i32(batch, length, 16), average_plddt=f32(batch, length),
-        per_res_plddt=f32(batch, length), structure_coords=f32(batch, length, 3, 3),
-        chain_id=i32(batch, length), sequence_id=jnp.ones((batch, length), jnp.int32),
-    )
 
 
 def _init_boxed(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:

@@ -1,4 +1,4 @@
-"""One optimizer step and one evaluation step, jitted with explicit shardings.
+"""One optimizer step, jitted with explicit shardings (the eval step is train/evaluate.py's).
 
 Gradient accumulation is a `lax.scan` over microbatches inside the step: every microbatch's
 loss is divided by the *full* batch's per-track counts (known from the masks before the
@@ -18,11 +18,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from esm3_jax.runtime import cpu_matmul as cpu_matmul_lib
 from esm3_jax.train import loss as loss_lib
 from esm3_jax.train import sharding as shd
-from esm3_jax.train.state import MODEL_INPUT_KEYS, TrainState
+from esm3_jax.batch import INPUT_KEYS
+from esm3_jax.train.state import TrainState
 
 
-def _model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    return {k: batch[k] for k in MODEL_INPUT_KEYS}
+def model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: batch[k] for k in INPUT_KEYS}
 
 
 def _split_microbatches(batch: Mapping[str, jax.Array], n: int, mesh: Mesh, rules) -> dict[str, jax.Array]:
@@ -47,7 +48,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss_
     weights = dict(loss_weights)
 
     def loss_fn(params, microbatch, counts, rng):
-        outputs = model.apply({"params": params}, **_model_inputs(microbatch), rngs={"dropout": rng})
+        outputs = model.apply({"params": params}, **model_inputs(microbatch), rngs={"dropout": rng})
         sums = loss_lib.track_sums(outputs, microbatch)
         return loss_lib.weighted_loss(sums, counts, weights), sums
 
@@ -118,25 +119,12 @@ def jit_train_step(step_fn, state_shardings, batch_shardings, mesh: Mesh, rules,
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, NamedSharding(mesh, P())),
         donate_argnums=(0,),
-        compiler_options=cpu_matmul_lib.compiler_options(_platform(mesh), cpu_matmul),
+        compiler_options=cpu_matmul_lib.compiler_options(platform_of(mesh), cpu_matmul),
     )
     return InContext(jitted, mesh, rules)
 
 
-def make_eval_step(model: nn.Module, params_shardings, batch_shardings, mesh: Mesh, rules, cpu_matmul: str = cpu_matmul_lib.DEFAULT):
-    """`(params, batch) -> per-track (loss sum, correct sum) and counts`, for NLL over many batches."""
-
-    def eval_step(params, batch):
-        outputs = model.apply({"params": params}, **_model_inputs(batch))
-        return loss_lib.track_sums(outputs, batch), loss_lib.loss_counts(batch)
-
-    jitted = jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings),
-                     out_shardings=NamedSharding(mesh, P()),
-                     compiler_options=cpu_matmul_lib.compiler_options(_platform(mesh), cpu_matmul))
-    return InContext(jitted, mesh, rules)
-
-
-def _platform(mesh: Mesh) -> str:
+def platform_of(mesh: Mesh) -> str:
     return mesh.devices.flat[0].platform
 
 

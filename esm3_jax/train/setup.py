@@ -1,0 +1,76 @@
+"""The one setup chain of a training run: model -> optimizer -> mesh and shardings -> jitted steps.
+
+The train loop, `aot` and `bench train-step` all build their step here, so the step that is
+compiled for a TPU topology or timed on a CPU is the very step a run trains with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from esm3_jax.model.esm3 import ESM3
+from esm3_jax.train import optim
+from esm3_jax.train import sharding as shd
+from esm3_jax.train import state as state_lib
+from esm3_jax.train import step as step_lib
+from esm3_jax.train.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """A run's model, optimizer and mesh, and its state's abstract shapes and shardings."""
+
+    cfg: Config
+    mesh: Mesh
+    rules: Any  # flax logical-axis rules
+    model: nn.Module
+    tx: optax.GradientTransformation
+    abstract_state: state_lib.TrainState  # shapes and dtypes only
+    state_shardings: state_lib.TrainState  # a NamedSharding per leaf
+
+    @property
+    def param_count(self) -> int:
+        return state_lib.param_count(self.abstract_state.params)
+
+    def fresh_state(self) -> state_lib.TrainState:
+        """A new state from `train.seed`, each array created directly in its sharded layout."""
+        return state_lib.create_state(self.model, self.tx, self.cfg.train.seed, self.state_shardings)
+
+    def restore_target(self) -> dict[str, Any]:
+        """What a checkpoint restore is asked for: the state's shapes with their shardings."""
+        return state_lib.abstract_with_shardings(self.abstract_state.as_dict(), self.state_shardings.as_dict())
+
+    def abstract_state_with_shardings(self) -> state_lib.TrainState:
+        return state_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+    def batch_shardings(self, batch_like: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        return shd.batch_shardings(batch_like, self.mesh, self.rules)
+
+    def train_step(self, batch_shardings: Mapping[str, NamedSharding]) -> step_lib.InContext:
+        """The jitted `(state, batch) -> (state, metrics)`, state donated."""
+        tc = self.cfg.train
+        step_fn = step_lib.make_train_step(self.model, self.tx, loss_weights=tc.loss_weights.as_dict(),
+                                           grad_accum_steps=tc.grad_accum_steps, mesh=self.mesh, rules=self.rules)
+        return step_lib.jit_train_step(step_fn, self.state_shardings, batch_shardings, self.mesh, self.rules,
+                                       cpu_matmul=tc.cpu_matmul)
+
+    def eval_step(self, batch_shardings: Mapping[str, NamedSharding]) -> step_lib.InContext:
+        """The jitted `(params, batch) -> (per-track sums, counts)` (train/evaluate.py)."""
+        return step_lib.make_eval_step(self.model, self.state_shardings.params, batch_shardings, self.mesh,
+                                       self.rules, cpu_matmul=self.cfg.train.cpu_matmul)
+
+
+def setup_training(cfg: Config, devices: list) -> TrainSetup:
+    """Build the chain for `cfg` on `devices` (shapes only: no parameter is allocated here)."""
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.rules.as_flax_rules()
+    model = ESM3(cfg.model)
+    tx = optim.make_optimizer(cfg.train)
+    abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules)
+    return TrainSetup(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, abstract_state=abstract,
+                      state_shardings=shardings)
