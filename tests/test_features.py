@@ -13,6 +13,7 @@ import pytest
 from esm3_jax import tokens
 from esm3_jax.structure import features, io
 from esm3_jax.structure import residue_constants as rc
+from esm3_jax.structure.chain import ProteinChain
 from tests.paths import STRUCTURES
 
 needs_data = pytest.mark.skipif(
@@ -99,7 +100,7 @@ def test_residues_without_full_backbone_are_unassigned_and_encode_as_no_label():
     chain = io.load_chain(STRUCTURES / "biopython_tests/1GBT.cif.gz", "A")
     coords = chain.coords.copy()
     coords[40, rc.O_IDX] = np.nan  # DSSP needs N, CA, C and O
-    broken = io.ProteinChain.from_coords(chain.sequence, coords)
+    broken = ProteinChain.from_coords(chain.sequence, coords)
     ss8 = features.dssp_ss8(broken)
     assert ss8[40] == features.SS8_UNASSIGNED and features.SS8_UNASSIGNED not in ss8[:40]
     ids = tokens.encode_ss8(ss8, add_special_tokens=False)
@@ -107,15 +108,15 @@ def test_residues_without_full_backbone_are_unassigned_and_encode_as_no_label():
     # A backbone-only model output (no O at all) gets labels once O is placed from the backbone.
     from esm3_jax.structure.geometry import with_oxygen
 
-    backbone_only = io.ProteinChain.from_coords(chain.sequence, chain.backbone)
+    backbone_only = ProteinChain.from_coords(chain.sequence, chain.backbone)
     assert set(features.dssp_ss8(backbone_only)) == {features.SS8_UNASSIGNED}
-    rebuilt = io.ProteinChain.from_coords(chain.sequence, with_oxygen(backbone_only.coords))
+    rebuilt = ProteinChain.from_coords(chain.sequence, with_oxygen(backbone_only.coords))
     agree = np.mean([a == b for a, b in zip(features.dssp_ss8(rebuilt), features.dssp_ss8(chain))])
     assert agree > 0.9, agree
 
 
 def test_missing_mkdssp_is_a_clear_error(monkeypatch, tmp_path):
-    chain = io.ProteinChain.from_coords("AAA", np.zeros((3, 3, 3)))
+    chain = ProteinChain.from_coords("AAA", np.zeros((3, 3, 3)))
     with pytest.raises(features.DsspNotFoundError, match="apt-get install dssp"):
         features.dssp_ss8(chain, mkdssp=tmp_path / "no" / "mkdssp")
     monkeypatch.setenv(features.MKDSSP_ENV, str(tmp_path / "elsewhere" / "mkdssp"))
@@ -161,6 +162,6 @@ def test_sasa_bins_into_the_sasa_track():
     # A residue without any atom has no SASA: NaN, then <unk>.
     coords = chain.coords.copy()
     coords[7] = np.nan
-    values = features.sasa(io.ProteinChain.from_coords(chain.sequence, coords))
+    values = features.sasa(ProteinChain.from_coords(chain.sequence, coords))
     assert np.isnan(values[7]) and np.isfinite(np.delete(values, 7)).all()
     assert features.sasa_tokens(values)[7] == 2

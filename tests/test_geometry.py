@@ -9,6 +9,7 @@ import pytest
 from esm3_jax.structure import geometry as geo
 from esm3_jax.structure import io
 from esm3_jax.structure import residue_constants as rc
+from esm3_jax.structure.chain import ProteinChain
 from tests.paths import STRUCTURES
 
 needs_data = pytest.mark.skipif(
@@ -16,7 +17,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
-def _chain(file="biopython_tests/1GBT.cif.gz", chain="A") -> io.ProteinChain:
+def _chain(file="biopython_tests/1GBT.cif.gz", chain="A") -> ProteinChain:
     return io.load_chain(STRUCTURES / file, chain)
 
 

@@ -18,6 +18,7 @@ from esm3_jax.data import function_tokens as ft
 from esm3_jax.data import preprocess as pp
 from esm3_jax.data import records
 from esm3_jax.data import sources as src
+from esm3_jax.structure.chain import ProteinChain
 from tests.paths import DATA, STRUCTURES
 
 SEQUENCES = DATA / "sequences"
@@ -468,10 +469,8 @@ def test_structure_tokens_from_a_vqvae_encoder_checkpoint(tmp_path):
 
 def test_scope_ranges_map_to_author_numbering():
     """A domain over author residues 64-67 and another over 68-109 label those positions only."""
-    from esm3_jax.structure import io as sio
-
     n = 20
-    chain = sio.ProteinChain.from_coords("G" * n, np.zeros((n, 3, 3)), chain_id="A", residue_index=np.arange(60, 80))
+    chain = ProteinChain.from_coords("G" * n, np.zeros((n, 3, 3)), chain_id="A", residue_index=np.arange(60, 80))
     domains = {
         ("1xu1", "A"): [
             src.ScopeDomain("d1", "l.1.1.1", "1xu1", (("A", "64", "67"),)),
@@ -490,7 +489,7 @@ def test_predicted_model_plddt_from_b_factors(tmp_path):
 
     chain = sio.load_structure(STRUCTURES / STRUCTURE_FILES[0])[0]
     plddt = np.linspace(35.0, 95.0, len(chain)).astype(np.float32)
-    model = sio.ProteinChain.from_coords(chain.sequence, chain.coords, chain_id="A", b_factor=plddt)
+    model = ProteinChain.from_coords(chain.sequence, chain.coords, chain_id="A", b_factor=plddt)
     text = "TITLE     ALPHAFOLD MONOMER V2.0 PREDICTION FOR A TEST PROTEIN\n" + sio.to_pdb_string(model)
     folder = tmp_path / "models"
     folder.mkdir()

@@ -14,6 +14,7 @@ import pytest
 
 from esm3_jax.structure import io
 from esm3_jax.structure import residue_constants as rc
+from esm3_jax.structure.chain import ProteinChain, StructureError, join_chains
 from tests.paths import STRUCTURES
 
 pytestmark = pytest.mark.skipif(
@@ -26,7 +27,7 @@ def _index() -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _assert_same_chain(a: io.ProteinChain, b: io.ProteinChain, coord_atol: float = 0.0, b_atol: float = 0.0):
+def _assert_same_chain(a: ProteinChain, b: ProteinChain, coord_atol: float = 0.0, b_atol: float = 0.0):
     assert a.sequence == b.sequence
     assert a.chain_id == b.chain_id
     np.testing.assert_array_equal(a.atom_mask, b.atom_mask)
@@ -170,9 +171,9 @@ def test_nucleic_acids_waters_and_ligands_are_not_protein():
     assert [c.chain_id for c in chains] == ["A"]
     dna = [ch.name for ch in st[0] if ch.name != "A"]
     assert dna
-    with pytest.raises(io.StructureError) as err:
+    with pytest.raises(StructureError) as err:
         io.load_chain(path, dna[0])
-    assert err.value.reason == io.StructureError.NO_PROTEIN and str(path) in str(err.value)
+    assert err.value.reason == StructureError.NO_PROTEIN and str(path) in str(err.value)
     # Waters are never residues of a chain.
     ldh = io.load_chain(STRUCTURES / "theseus_examples/ldh/3ldh_A.pdb.gz", "A")
     assert "HOH" not in set(ldh.residue_name)
@@ -183,7 +184,7 @@ def test_nucleic_acids_waters_and_ligands_are_not_protein():
 
 def test_join_chains_puts_a_break_token_between_chains():
     chains = io.load_structure(STRUCTURES / "biopython_tests/2BEG.cif.gz")
-    cx = io.join_chains(chains)
+    cx = join_chains(chains)
     n = sum(len(c) for c in chains)
     assert len(cx) == n + len(chains) - 1
     breaks = np.flatnonzero(np.array(list(cx.sequence)) == "|")
@@ -220,7 +221,7 @@ def test_write_then_read_back_identically(tmp_path, suffix):
 
 def test_write_complex_and_model_output(tmp_path):
     chains = io.load_structure(STRUCTURES / "biopython_tests/2BEG.cif.gz")
-    path = io.write_structure(tmp_path / "complex.cif", io.join_chains(chains))
+    path = io.write_structure(tmp_path / "complex.cif", join_chains(chains))
     for a, b in zip(io.load_structure(path), chains, strict=True):
         _assert_same_chain(a, b)
 
@@ -230,7 +231,7 @@ def test_write_complex_and_model_output(tmp_path):
     real = chains[0]
     plddt = rng.uniform(0, 100, len(real)).astype(np.float32)
     backbone = real.backbone + rng.normal(0, 0.3, (len(real), 3, 3))
-    predicted = io.ProteinChain.from_coords(real.sequence, backbone, b_factor=plddt)
+    predicted = ProteinChain.from_coords(real.sequence, backbone, b_factor=plddt)
     for suffix in (".pdb", ".cif"):
         back = io.load_chain(io.write_structure(tmp_path / f"pred{suffix}", predicted), "A")
         _assert_same_chain(back, predicted, coord_atol=6e-4, b_atol=6e-3)
@@ -245,8 +246,8 @@ def test_write_rejects_unknown_suffix(tmp_path):
 # --- bad input ----------------------------------------------------------------------------------------
 
 
-def _reason(path, chain=None, **kw) -> io.StructureError:
-    with pytest.raises(io.StructureError) as err:
+def _reason(path, chain=None, **kw) -> StructureError:
+    with pytest.raises(StructureError) as err:
         io.load_structure(path, chain, **kw)
     assert str(path) in str(err.value)
     if chain is not None:
@@ -260,7 +261,7 @@ def test_files_that_are_not_structures(tmp_path):
     (tmp_path / "empty.cif.gz").write_bytes(gzip.compress(b""))
     (tmp_path / "noise.pdb").write_bytes(np.random.default_rng(0).bytes(2000))
     for name in ("notes.pdb", "broken.cif", "empty.cif.gz", "noise.pdb"):
-        assert _reason(tmp_path / name).reason == io.StructureError.NOT_A_STRUCTURE, name
+        assert _reason(tmp_path / name).reason == StructureError.NOT_A_STRUCTURE, name
     with pytest.raises(FileNotFoundError, match="no such structure file"):
         io.load_structure(tmp_path / "absent.pdb")
 
@@ -269,14 +270,14 @@ def test_bad_chains_raise_naming_file_and_chain(tmp_path):
     src = STRUCTURES / "biopython_tests/1GBT.cif.gz"
     chain = io.load_chain(src, "A")
 
-    assert _reason(src, "Q").reason == io.StructureError.CHAIN_NOT_FOUND
-    assert _reason(src, "A", max_length=100).reason == io.StructureError.TOO_LONG
+    assert _reason(src, "Q").reason == StructureError.CHAIN_NOT_FOUND
+    assert _reason(src, "A", max_length=100).reason == StructureError.TOO_LONG
     assert len(io.load_chain(src, "A", max_length=len(chain))) == len(chain)
 
     ca_only = np.full_like(chain.coords, np.nan)
     ca_only[:, rc.CA_IDX] = chain.coords[:, rc.CA_IDX]
-    path = io.write_structure(tmp_path / "ca_only.pdb", io.ProteinChain.from_coords(chain.sequence, ca_only))
-    assert _reason(path, "A").reason == io.StructureError.NO_BACKBONE
+    path = io.write_structure(tmp_path / "ca_only.pdb", ProteinChain.from_coords(chain.sequence, ca_only))
+    assert _reason(path, "A").reason == StructureError.NO_BACKBONE
 
     # A chain that holds only waters: present, but empty of residues we can use.
     water = tmp_path / "water.pdb"
@@ -285,7 +286,7 @@ def test_bad_chains_raise_naming_file_and_chain(tmp_path):
         + "HETATM 9001  O   HOH W   1      10.000  10.000  10.000  1.00 20.00           O\n"
         + "HETATM 9002  O   HOH W   2      13.000  10.000  10.000  1.00 20.00           O\nEND\n"
     )
-    assert _reason(water, "W").reason == io.StructureError.EMPTY_CHAIN
+    assert _reason(water, "W").reason == StructureError.EMPTY_CHAIN
     assert [c.chain_id for c in io.load_structure(water)] == ["A"]
 
 
@@ -300,14 +301,14 @@ def test_nan_and_absurd_coordinates(tmp_path, value):
     path = tmp_path / "bad.cif"
     path.write_text("\n".join(lines) + "\n")
     err = _reason(path, "A")
-    assert err.reason == io.StructureError.BAD_COORDINATES and "ASP 152 CG" in str(err)
+    assert err.reason == StructureError.BAD_COORDINATES and "ASP 152 CG" in str(err)
 
 
 def test_iter_chains_skips_and_counts_bad_ones_keeping_every_good_one(tmp_path):
     good = io.load_chain(STRUCTURES / "biopython_tests/1GBT.cif.gz", "A")
     ca_only = np.full((40, 37, 3), np.nan, np.float32)
     ca_only[:, rc.CA_IDX] = good.coords[:40, rc.CA_IDX]
-    bad = io.ProteinChain.from_coords(good.sequence[:40], ca_only, chain_id="B")
+    bad = ProteinChain.from_coords(good.sequence[:40], ca_only, chain_id="B")
     mixed = io.write_structure(tmp_path / "mixed.cif", [good, bad])
     (tmp_path / "junk.pdb").write_text("nothing here\n")
     items = [
@@ -323,19 +324,19 @@ def test_iter_chains_skips_and_counts_bad_ones_keeping_every_good_one(tmp_path):
     got = [(Path(c.source).name, c.chain_id) for c in io.iter_chains(items, skipped=skipped)]
     assert got == [("1A8O.cif.gz", "A"), ("mixed.cif", "A"), ("1GBT.cif.gz", "A"), ("1LCD.cif.gz", "A")]
     assert skipped == {
-        io.StructureError.NO_BACKBONE: 1,
-        io.StructureError.NOT_A_STRUCTURE: 1,
+        StructureError.NO_BACKBONE: 1,
+        StructureError.NOT_A_STRUCTURE: 1,
         "missing_file": 1,
-        io.StructureError.CHAIN_NOT_FOUND: 1,
+        StructureError.CHAIN_NOT_FOUND: 1,
     }
     # read_chains gives the same verdicts per chain, for callers that list bad chains by name.
     verdicts = list(io.read_chains(mixed))
-    assert isinstance(verdicts[0], io.ProteinChain) and verdicts[0].chain_id == "A"
-    assert isinstance(verdicts[1], io.StructureError) and verdicts[1].chain == "B"
-    assert verdicts[1].reason == io.StructureError.NO_BACKBONE and "'B'" in str(verdicts[1])
+    assert isinstance(verdicts[0], ProteinChain) and verdicts[0].chain_id == "A"
+    assert isinstance(verdicts[1], StructureError) and verdicts[1].chain == "B"
+    assert verdicts[1].reason == StructureError.NO_BACKBONE and "'B'" in str(verdicts[1])
     too_long = collections.Counter()
     assert len(list(io.iter_chains(items[:1], max_length=50, skipped=too_long))) == 0
-    assert too_long == {io.StructureError.TOO_LONG: 1}
+    assert too_long == {StructureError.TOO_LONG: 1}
 
 
 def test_records_are_immutable():
@@ -345,4 +346,4 @@ def test_records_are_immutable():
     with pytest.raises(AttributeError):
         chain.sequence = "A"
     with pytest.raises(ValueError, match="coords must be"):
-        io.ProteinChain.from_coords("AAA", np.zeros((2, 37, 3)))
+        ProteinChain.from_coords("AAA", np.zeros((2, 37, 3)))

@@ -125,7 +125,7 @@ def infer_esm3_config(state: dict[str, Array], n_heads: int, **overrides: Any) -
     geom = sorted(int(m.group(1)) for k in state if (m := re.match(r"transformer\.blocks\.(\d+)\.geom_attn\.s_norm", k)))
     if geom != list(range(len(geom))):
         raise ValueError(f"geometric attention must sit in the first blocks; found it in blocks {geom}")
-    v_heads = int(state[f"transformer.blocks.0.geom_attn.distance_scale_per_head"].shape[0]) if geom else 1
+    v_heads = int(state["transformer.blocks.0.geom_attn.distance_scale_per_head"].shape[0]) if geom else 1
     hid = int(state["transformer.blocks.0.ffn.3.weight"].shape[1])
     raw = dict(d_model=d, n_heads=n_heads, n_layers=len(blocks), v_heads=v_heads, n_layers_geom=len(geom))
     raw.update(overrides)

@@ -41,6 +41,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from esm3_jax.data.function_tokens import FunctionAnnotation
+from esm3_jax.structure.chain import StructureError
 
 FASTA_SUFFIXES = (".fasta", ".fa", ".faa", ".fas")  # protein FASTA (.fna would be nucleotides)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -369,7 +370,7 @@ def _parse_structure_file(entry: Entry, options: ParseOptions) -> list[RawProtei
         # is listed in rejects.jsonl by name. structure.io keeps this private for now; iter_chains
         # only counts skipped chains.
         items = list(sio.read_chains(path))
-    except sio.StructureError as e:
+    except StructureError as e:
         return [SourceError(_STRUCTURE_REASONS.get(e.reason, e.reason), str(e))]
     looks_predicted, pdb_id = _file_header(path)
     predicted = options.plddt == "bfactor" or (options.plddt == "auto" and looks_predicted)
@@ -377,7 +378,7 @@ def _parse_structure_file(entry: Entry, options: ParseOptions) -> list[RawProtei
     stem = Path(path).name.split(".")[0]
     out: list[RawProtein | SourceError] = []
     for chain in items:
-        if isinstance(chain, sio.StructureError):
+        if isinstance(chain, StructureError):
             rid = f"{stem}_{chain.chain}" if chain.chain is not None else None
             out.append(SourceError(_STRUCTURE_REASONS.get(chain.reason, chain.reason), str(chain), rid))
             continue

@@ -19,7 +19,8 @@ import numpy as np
 from esm3_jax.data.sources import iter_fasta
 from esm3_jax.inference.structure_tokenizer import StructureTokenizer
 from esm3_jax.structure import geometry
-from esm3_jax.structure.io import ProteinChain, load_structure, write_structure
+from esm3_jax.structure.chain import ProteinChain
+from esm3_jax.structure.io import load_structure, write_structure
 
 
 def tokenize_files(encoder_dir: str | Path, files: list[str | Path]) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -27,7 +27,8 @@ import numpy as np
 
 from esm3_jax import tokens
 from esm3_jax.structure import residue_constants as rc
-from esm3_jax.structure.io import ProteinChain, to_mmcif_string
+from esm3_jax.structure.chain import ProteinChain
+from esm3_jax.structure.io import to_mmcif_string
 
 MKDSSP_ENV = "ESM3_JAX_MKDSSP"  # overrides where mkdssp is looked for
 SS8_UNASSIGNED = tokens.MASK_CHAR
