@@ -18,7 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.paths import DEMO, REPO
+
+# This file also runs as a script in its multi-device subprocess, where `tests` is not a
+# package on the path: it finds the repository itself rather than through tests/paths.py.
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "demo_data"
 
 STEPS = 4
 
