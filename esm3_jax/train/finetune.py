@@ -72,16 +72,22 @@ def convert_layer_layout(params: dict, saved: ModelConfig, cfg: ModelConfig) -> 
     return {**params, "trunk": trunk}
 
 
-def load_initial_params(path: str, cfg: ModelConfig, target: Any) -> Any:
-    """The parameters at `path` (a params checkpoint or a training run), in `target`'s shapes and
-    shardings (a tree of ShapeDtypeStructs carrying NamedShardings)."""
+def check_init_from(path: str, cfg: ModelConfig) -> tuple[ModelConfig, dict]:
+    """(the checkpoint's ModelConfig, where its params are) after checking, from metadata alone,
+    that `path` holds ESM3 weights `cfg` can start from: cheap enough to run before any compile."""
     try:
         kind, saved, where = params_io.params_source(path)
     except (FileNotFoundError, params_io.CheckpointError) as e:
         raise ConfigError(f"train.init_from={path}: {e}") from e
     if kind != params_io.ESM3_KIND:
         raise ConfigError(f"train.init_from={path}: holds a {kind} model, not an ESM3 one")
-    saved_cfg = check_model_matches(saved, cfg, str(path))
+    return check_model_matches(saved, cfg, str(path)), where
+
+
+def load_initial_params(path: str, cfg: ModelConfig, target: Any) -> Any:
+    """The parameters at `path` (a params checkpoint or a training run), in `target`'s shapes and
+    shardings (a tree of ShapeDtypeStructs carrying NamedShardings)."""
+    saved_cfg, where = check_init_from(path, cfg)
     if saved_cfg.scan_layers == cfg.scan_layers:
         # Each process reads its own shards straight into place: no host ever holds the whole model.
         return params_io.restore_params(where, target)

@@ -26,7 +26,7 @@ from esm3_jax.config import ConfigError, to_dict
 from esm3_jax.model.flops import train_flops_per_token
 from esm3_jax.runtime import allocator, distributed
 from esm3_jax.runtime.hardware import matmul_peak_flops, peak_flops_per_device
-from esm3_jax.train import optim
+from esm3_jax.train import finetune, optim
 from esm3_jax.train import sharding as shd
 from esm3_jax.train import state as state_lib
 from esm3_jax.train.checkpoint import Checkpointer
@@ -152,11 +152,19 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
         f"host allocator {allocator.active()}")
     say(f"  checkpoints -> {tc.checkpoint_dir}\n  tensorboard -> {tc.tensorboard_dir}")
 
-    train_iter = make_train_iter()
     ckpt = Checkpointer(tc.checkpoint_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
+    resuming = tc.resume and bool(ckpt.all_steps())
+    if tc.init_from and not resuming:
+        # From the checkpoint's metadata: a model that does not fit fails before data and compiles.
+        try:
+            finetune.check_init_from(tc.init_from, cfg.model)
+        except Exception:
+            ckpt.close()
+            raise
+    train_iter = make_train_iter()
     cfg_dict = to_dict(cfg)
     restored = None
-    if tc.resume and ckpt.all_steps():
+    if resuming:
         _check_same_model(ckpt, cfg_dict)
         restored = ckpt.restore_latest(run.restore_target(), train_iter)
     if restored is not None:
