@@ -240,7 +240,7 @@ def test_weights_move_between_device_counts(frozen_run, tmp_path):
     r = json.loads(lines[0][len("RESULT "):])
     # 1 device -> 8: the 1-device run's latest parameters, each split 8 ways along "embed".
     assert r["loaded"] == params_fingerprint(frozen_run["after5"]["state"]["params"])
-    assert r["loaded_spec"] == "PartitionSpec('fsdp',)" and r["loaded_shards"] == 8
+    assert r["loaded_spec"] == "P('fsdp', None, 'tensor')" and r["loaded_shards"] == 8
     # 8 devices (data=2 x fsdp=4) -> 1: the saved parameters exactly, on this process's one device.
     cfg = load_config(CONFIGS / "tiny.yaml", _overrides(tmp_path / "unused", f"train.init_from={tmp_path / 'run8'}"))
     loaded = setup_training(cfg, jax.devices()[:1]).initial_state()
