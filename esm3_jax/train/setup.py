@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from esm3_jax.model.esm3 import ESM3
-from esm3_jax.train import finetune, optim
+from esm3_jax.train import evaluate, finetune, optim
 from esm3_jax.train import sharding as shd
 from esm3_jax.train import state as state_lib
 from esm3_jax.train import step as step_lib
@@ -80,7 +80,7 @@ class TrainSetup:
 
     def eval_step(self, batch_shardings: Mapping[str, NamedSharding]) -> step_lib.InContext:
         """The jitted `(params, batch) -> (per-track sums, counts)` (train/evaluate.py)."""
-        return step_lib.make_eval_step(self.model, self.state_shardings.params, batch_shardings, self.mesh,
+        return evaluate.make_eval_step(self.model, self.state_shardings.params, batch_shardings, self.mesh,
                                        self.rules, cpu_matmul=self.cfg.train.cpu_matmul)
 
 
