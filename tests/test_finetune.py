@@ -246,6 +246,9 @@ def test_weights_move_between_device_counts(frozen_run, tmp_path):
     loaded = setup_training(cfg, jax.devices()[:1]).initial_state()
     assert params_fingerprint(jax.tree.map(np.asarray, loaded.params)) == r["saved"]
     assert len(jax.tree.leaves(loaded.params)[0].sharding.device_set) == 1
+    # ... and to host numpy with no shardings at all (what `forward` and `convert --export` read).
+    kind, _, host = load_params(tmp_path / "run8")
+    assert kind == "esm3" and params_fingerprint(host) == r["saved"]
 
 
 if __name__ == "__main__":

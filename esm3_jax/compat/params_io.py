@@ -88,9 +88,11 @@ def restore_params(where: dict, target: Any = None) -> Any:
             with ocp.StandardCheckpointer() as ckptr:
                 params = ckptr.restore(where["params_dir"]) if to_host else ckptr.restore(where["params_dir"], target)
             return jax.tree.map(np.asarray, params) if to_host else params
-        mngr = ocp.CheckpointManager(where["run_dir"], options=ocp.CheckpointManagerOptions(read_only=True))
+        # The handler named up front: without it the manager has no metadata for "state" to give.
+        mngr = ocp.CheckpointManager(where["run_dir"], item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                     options=ocp.CheckpointManagerOptions(read_only=True))
         try:
-            item = mngr.item_metadata(where["step"])["state"]["params"] if to_host else target
+            item = dict(mngr.item_metadata(where["step"])["state"]["params"]) if to_host else target
             restore_args = jax.tree.map(
                 (lambda _: ocp.RestoreArgs(restore_type=np.ndarray)) if to_host
                 else (lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype)),
