@@ -9,6 +9,8 @@ that inference and `convert --export` take either without knowing about training
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,22 @@ def save_params(directory: str | Path, params: Any, config: dict, kind: str) -> 
     return directory
 
 
+@contextlib.contextmanager
+def _quiet_reads():
+    """Reading some items of a checkpoint read-only: Orbax logs a warning per item left unread and
+    for the read-only options themselves, none of which is news to the user."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # Reading to host numpy needs no shardings; Orbax warns that it has none to apply.
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        absl.setLevel(level)
+
+
 def load_params(directory: str | Path) -> tuple[str, dict, Any]:
     """(kind, model config dict, params as numpy) from a params checkpoint or a training run
     (its output_dir or checkpoints/ folder: the latest step's parameters)."""
@@ -57,12 +75,14 @@ def params_source(directory: str | Path) -> tuple[str, dict, dict]:
     if directory.is_dir():
         ckpt_dir = checkpoint_dir_of(directory)
         if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-            mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+            with _quiet_reads():
+                mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
             try:
                 steps = sorted(mngr.all_steps())
                 if not steps:
                     raise CheckpointError(f"{ckpt_dir}: no complete checkpoint steps found")
-                config = mngr.restore(steps[-1], args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+                with _quiet_reads():
+                    config = mngr.restore(steps[-1], args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
             finally:
                 mngr.close()
             return ESM3_KIND, config["model"], {"run_dir": ckpt_dir.absolute(), "step": steps[-1]}
@@ -81,9 +101,7 @@ def restore_params(where: dict, target: Any = None) -> Any:
     of a training run's state only the parameters are read, not the optimizer's moments.
     """
     to_host = target is None
-    with warnings.catch_warnings():
-        # Reading to host numpy needs no shardings; Orbax warns that it has none to apply.
-        warnings.simplefilter("ignore", UserWarning)
+    with _quiet_reads():
         if "params_dir" in where:
             with ocp.StandardCheckpointer() as ckptr:
                 params = ckptr.restore(where["params_dir"]) if to_host else ckptr.restore(where["params_dir"], target)
@@ -113,16 +131,15 @@ def read_checkpoint(directory: str | Path, step: int | None = None) -> dict[str,
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint folder")
-    mngr = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+    with _quiet_reads():
+        mngr = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
     steps = sorted(mngr.all_steps())
     if not steps:
         raise CheckpointError(f"{directory}: no complete checkpoint steps found")
     step = steps[-1] if step is None else step
     if step not in steps:
         raise CheckpointError(f"{directory}: no step {step}; available: {steps}")
-    with warnings.catch_warnings():
-        # Reading to host numpy needs no shardings; Orbax warns that it has none to apply.
-        warnings.simplefilter("ignore", UserWarning)
+    with _quiet_reads():
         meta_tree = mngr.item_metadata(step)["state"]
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta_tree)
         out = mngr.restore(step, args=ocp.args.Composite(
