@@ -11,6 +11,7 @@ Batches are synthetic (every track filled, ~30% masked); ~1-2 min on 2 cores, mo
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -88,15 +89,9 @@ def converted(tmp_path_factory):
     return model, work / "esm3_tiny"
 
 
-def test_init_from_converted_weights_gives_the_reference_losses(converted, tmp_path):
-    from esm3_jax.compat.reference import reference_forward
-    from esm3_jax.batch import INPUT_KEYS
-    from esm3_jax.train.loss import masked_lm_loss
-
-    model, ckpt = converted
-    cfg = load_config(CONFIGS / "tiny.yaml", _overrides(tmp_path / "run", f"train.init_from={ckpt}",
-                                                         "train.steps=1", "train.warmup_steps=0"))
-    # The initial state: the converted parameters bit for bit, zero moments, step 0.
+def test_init_from_converted_weights_starts_from_exactly_those_weights(converted, tmp_path):
+    _, ckpt = converted
+    cfg = load_config(CONFIGS / "tiny.yaml", _overrides(tmp_path / "run", f"train.init_from={ckpt}"))
     state = setup_training(cfg, jax.devices()).initial_state()
     want = _host_paths(load_params(ckpt)[2])
     got = _host_paths(state.params)
@@ -104,19 +99,23 @@ def test_init_from_converted_weights_gives_the_reference_losses(converted, tmp_p
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert int(state.step) == 0
-    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state))
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state))  # fresh moments
 
-    # The first step's losses are taken before its update: the reference model's on batch 0.
-    result = train(cfg, make_train_iter=SyntheticBatches)
-    batch = synthetic_train_batch(ROWS, LENGTH, seed=0)
-    ref_out = reference_forward(model, {k: batch[k] for k in INPUT_KEYS})
-    _, ref = masked_lm_loss({k: jax.numpy.asarray(v) for k, v in ref_out.items()}, batch,
-                            {t: 1.0 for t in ("sequence", "structure", "ss8", "sasa", "function",
-                                              "residue_annotation")})
-    for track in ("sequence", "structure", "ss8", "sasa", "function", "residue_annotation"):
-        np.testing.assert_allclose(result.metrics[f"{track}/loss"], float(ref[f"{track}/loss"]), rtol=1e-5,
-                                   err_msg=track)
-    np.testing.assert_allclose(result.metrics["loss"], float(ref["loss"]), rtol=1e-5)
+
+def _tb_losses(logdir: Path, step: int) -> dict[str, float]:
+    """The `train/<track>/loss` scalars of one step (tensorboardX files: length, crc, Event, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in logdir.glob("events.out.tfevents.*"):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 12 + n + 4
+            if event.step == step:
+                out.update({v.tag: v.simple_value for v in event.summary.value if v.tag.endswith("loss")})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +133,23 @@ def frozen_run(converted, tmp_path_factory):
                        _overrides(out, f"train.init_from={out}/nowhere", "train.steps=5", *extra))
     second = train(cfg5, make_train_iter=SyntheticBatches)
     return dict(ckpt=ckpt, out=out, first=first, after3=after3, second=second, after5=read_checkpoint(out / "checkpoints"))
+
+
+def test_first_step_losses_are_the_reference_models_cross_entropy(converted, frozen_run):
+    """Step 1's losses are taken before its update, on the converted weights: the reference
+    PyTorch model's logits on batch 0, through the same per-track cross-entropy, agree."""
+    from esm3_jax.batch import INPUT_KEYS, TRACKS
+    from esm3_jax.compat.reference import reference_forward
+    from esm3_jax.train.loss import masked_lm_loss
+
+    model, _ = converted
+    batch = synthetic_train_batch(ROWS, LENGTH, seed=0)
+    ref_out = reference_forward(model, {k: batch[k] for k in INPUT_KEYS})
+    _, ref = masked_lm_loss({k: jax.numpy.asarray(v) for k, v in ref_out.items()}, batch, {t: 1.0 for t in TRACKS})
+    ours = _tb_losses(frozen_run["out"] / "tensorboard", step=1)
+    for track in TRACKS:
+        np.testing.assert_allclose(ours[f"train/{track}/loss"], float(ref[f"{track}/loss"]), rtol=1e-5, err_msg=track)
+    np.testing.assert_allclose(ours["train/loss"], float(ref["loss"]), rtol=1e-5)
 
 
 def _unscanned(params: dict) -> dict[str, np.ndarray]:
@@ -203,26 +219,22 @@ def test_a_model_that_does_not_fit_and_a_pattern_that_matches_nothing_exit_2(con
 
 
 def _worker(one_device_run: str, out: str) -> None:
-    """Saves a fresh state of an 8-device run (fsdp=4 x data=2) as a run checkpoint, and starts an
-    8-device run (fsdp=8) from the 1-device run's weights; prints one JSON line."""
+    """On 8 devices: starts a run (fsdp=8) from the 1-device run's weights, and saves that state as
+    the 8-device run's own checkpoint, written shard by shard; prints one JSON line."""
     from esm3_jax.config import to_dict
     from esm3_jax.train.checkpoint import Checkpointer, params_fingerprint
 
     assert jax.device_count() == 8
-    saved_cfg = load_config(CONFIGS / "tiny.yaml", _overrides(out, "mesh.data=2", "mesh.fsdp=4"))
-    run = setup_training(saved_cfg, jax.devices())
-    state = run.fresh_state()
-    ckpt = Checkpointer(saved_cfg.train.checkpoint_dir, async_save=False)
-    ckpt.save(1, state.as_dict(), None, to_dict(saved_cfg))
+    cfg = load_config(CONFIGS / "finetune_tiny.yaml", _overrides(out, "mesh.data=1", "mesh.fsdp=8",
+                                                                 f"train.init_from={one_device_run}"))
+    state = setup_training(cfg, jax.devices()).initial_state()
+    up = state.params["trunk"]["block_0"]["ffn"]["up"]
+    ckpt = Checkpointer(cfg.train.checkpoint_dir, async_save=False)
+    ckpt.save(1, state.as_dict(), None, to_dict(cfg))
     ckpt.close()
-    cfg = load_config(CONFIGS / "finetune_tiny.yaml", _overrides(Path(out).parent / "unused", "mesh.data=1",
-                                                                 "mesh.fsdp=8", f"train.init_from={one_device_run}"))
-    loaded = setup_training(cfg, jax.devices()).initial_state()
-    up = loaded.params["trunk"]["block_0"]["ffn"]["up"]
     print("RESULT " + json.dumps({
-        "saved": params_fingerprint(jax.tree.map(np.asarray, state.params)),
-        "loaded": params_fingerprint(jax.tree.map(np.asarray, loaded.params)),
-        "loaded_spec": str(up.sharding.spec), "loaded_shards": len(up.addressable_shards),
+        "loaded": params_fingerprint(jax.tree.map(np.asarray, state.params)),
+        "loaded_spec": str(up.sharding.spec), "loaded_shards": len({s.device for s in up.addressable_shards}),
     }), flush=True)
 
 
@@ -241,14 +253,14 @@ def test_weights_move_between_device_counts(frozen_run, tmp_path):
     # 1 device -> 8: the 1-device run's latest parameters, each split 8 ways along "embed".
     assert r["loaded"] == params_fingerprint(frozen_run["after5"]["state"]["params"])
     assert r["loaded_spec"] == "P('fsdp', None, 'tensor')" and r["loaded_shards"] == 8
-    # 8 devices (data=2 x fsdp=4) -> 1: the saved parameters exactly, on this process's one device.
-    cfg = load_config(CONFIGS / "tiny.yaml", _overrides(tmp_path / "unused", f"train.init_from={tmp_path / 'run8'}"))
+    # 8 devices -> 1: the 8-device run's parameters exactly, on this process's one device ...
+    cfg = load_config(CONFIGS / "finetune_tiny.yaml", _overrides(tmp_path / "unused", f"train.init_from={tmp_path / 'run8'}"))
     loaded = setup_training(cfg, jax.devices()[:1]).initial_state()
-    assert params_fingerprint(jax.tree.map(np.asarray, loaded.params)) == r["saved"]
+    assert params_fingerprint(jax.tree.map(np.asarray, loaded.params)) == r["loaded"]
     assert len(jax.tree.leaves(loaded.params)[0].sharding.device_set) == 1
     # ... and to host numpy with no shardings at all (what `forward` and `convert --export` read).
     kind, _, host = load_params(tmp_path / "run8")
-    assert kind == "esm3" and params_fingerprint(host) == r["saved"]
+    assert kind == "esm3" and params_fingerprint(host) == r["loaded"]
 
 
 if __name__ == "__main__":
