@@ -215,6 +215,27 @@ def test_a_model_that_does_not_fit_and_a_pattern_that_matches_nothing_exit_2(con
     assert "not an esm3-jax checkpoint" in capsys.readouterr().err
 
 
+def test_layer_layout_conversion_round_trips():
+    """scanned -> unrolled -> scanned gives back every array (init_from converts either way)."""
+    import dataclasses
+
+    from esm3_jax.model.config import model_config_from_dict
+    from esm3_jax.train.finetune import convert_layer_layout
+
+    scanned = model_config_from_dict(dict(d_model=D, n_heads=H, n_layers=4, v_heads=VH))
+    unrolled = dataclasses.replace(scanned, scan_layers=False)
+    rng = np.random.default_rng(0)
+    block = {"attn": {"qkv": rng.normal(size=(3, D, 3, H, D // H))}, "ffn": {"up": rng.normal(size=(3, D, 2, 256))}}
+    params = {"trunk": {"geom_block_0": {"x": np.ones(2)}, "blocks": {"block": block}}, "final_norm": {"scale": np.ones(D)}}
+    split = convert_layer_layout(params, scanned, unrolled)
+    assert sorted(split["trunk"]) == ["block_0", "block_1", "block_2", "geom_block_0"]
+    np.testing.assert_array_equal(split["trunk"]["block_2"]["ffn"]["up"], block["ffn"]["up"][2])
+    back = convert_layer_layout(split, unrolled, scanned)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- another device count: a subprocess with 8 CPU devices ---------------------------------------
 
 

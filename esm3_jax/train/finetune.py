@@ -59,9 +59,9 @@ def convert_layer_layout(params: dict, saved: ModelConfig, cfg: ModelConfig) -> 
     if saved.scan_layers == cfg.scan_layers:
         return params
     n_plain = cfg.n_layers - cfg.n_layers_geom
-    trunk = dict(params["trunk"])
     if n_plain == 0:
         return params
+    trunk = dict(params["trunk"])
     if saved.scan_layers:  # stacked -> one subtree per block
         stack = trunk.pop("blocks")["block"]
         for j in range(n_plain):
