@@ -78,6 +78,15 @@ class TrainConfig:
     # The library XLA:CPU runs the step's plain matmuls with: "eigen" (measured faster on the
     # development machine) or "ynn" (XLA's default); esm3_jax/cpu_matmul.py. Ignored off the CPU.
     cpu_matmul: str = cpu_matmul.DEFAULT
+    # Fine-tuning. init_from: a params checkpoint (`esm3-jax convert`) or an esm3-jax run (its
+    # output_dir or checkpoints/ folder) whose parameters the run starts from, with a fresh
+    # optimizer state at step 0; the model config must match the saved one (train/finetune.py).
+    # The run's own checkpoints, once it has some, win: a restart resumes, it does not re-init.
+    init_from: str = ""
+    # Regular expressions (searched in '/'-joined parameter paths such as
+    # trunk/geom_block_0/geom_attn/proj or sequence_head/out): only matching parameters train,
+    # the rest are frozen with no optimizer state. Empty: everything trains.
+    trainable: tuple[str, ...] = ()
     wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
     wandb_project: str = "esm3-jax"
     progress_bar: bool = True
@@ -116,11 +125,12 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.eps <= 0:
             raise ValueError(f"train.eps must be positive, got {self.eps}")
-        for pattern in self.no_decay_patterns:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"train.no_decay_patterns: bad regular expression {pattern!r}: {e}") from e
+        for key in ("no_decay_patterns", "trainable"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"train.{key}: bad regular expression {pattern!r}: {e}") from e
         if self.profile_steps and (
             len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
         ):

@@ -1,7 +1,8 @@
 """`esm3-jax train`: the pretraining loop a user runs.
 
 Everything that can be wrong with a config is checked before the first compile; then the run
-builds the mesh, restores the latest intact checkpoint (or creates a fresh sharded state),
+builds the mesh, restores the latest intact checkpoint (or else starts from `train.init_from`'s
+parameters, or a fresh sharded state),
 compiles the train step once, and loops: step, metrics to the progress bar and TensorBoard,
 validation every `eval_every` steps, a checkpoint every `checkpoint_every` steps and at the end.
 SIGTERM (preemption) finishes the current step, saves, and exits 0; a non-finite loss skips the
@@ -25,7 +26,7 @@ from esm3_jax.config import ConfigError, to_dict
 from esm3_jax.model.flops import train_flops_per_token
 from esm3_jax.runtime import allocator, distributed
 from esm3_jax.runtime.hardware import matmul_peak_flops, peak_flops_per_device
-from esm3_jax.train import optim
+from esm3_jax.train import finetune, optim
 from esm3_jax.train import sharding as shd
 from esm3_jax.train import state as state_lib
 from esm3_jax.train.checkpoint import Checkpointer
@@ -145,16 +146,25 @@ def train(
 def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_process) -> RunResult:
     tc = cfg.train
     run = setup_training(cfg, devices)
-    say(f"esm3-jax train: {run.param_count:,} parameters; mesh {shd.mesh_summary(run.mesh)}; "
+    trainable = "" if not tc.trainable else f" ({run.trainable_count:,} trainable, the rest frozen)"
+    say(f"esm3-jax train: {run.param_count:,} parameters{trainable}; mesh {shd.mesh_summary(run.mesh)}; "
         f"batch {cfg.data.batch_size} x {cfg.data.max_length} tokens; {tc.steps} steps; "
         f"host allocator {allocator.active()}")
     say(f"  checkpoints -> {tc.checkpoint_dir}\n  tensorboard -> {tc.tensorboard_dir}")
 
-    train_iter = make_train_iter()
     ckpt = Checkpointer(tc.checkpoint_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
+    resuming = tc.resume and bool(ckpt.all_steps())
+    if tc.init_from and not resuming:
+        # From the checkpoint's metadata: a model that does not fit fails before data and compiles.
+        try:
+            finetune.check_init_from(tc.init_from, cfg.model)
+        except Exception:
+            ckpt.close()
+            raise
+    train_iter = make_train_iter()
     cfg_dict = to_dict(cfg)
     restored = None
-    if tc.resume and ckpt.all_steps():
+    if resuming:
         _check_same_model(ckpt, cfg_dict)
         restored = ckpt.restore_latest(run.restore_target(), train_iter)
     if restored is not None:
@@ -168,7 +178,9 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
                              checkpoint_dir=tc.checkpoint_dir, tensorboard_dir=tc.tensorboard_dir)
     else:
         start_step = 0
-        state = run.fresh_state()
+        state = run.initial_state()
+        if tc.init_from:
+            say(f"  initialised from {tc.init_from} (fresh optimizer state, step 0)")
 
     rows = cfg.data.batch_size
     first_local = next(train_iter)

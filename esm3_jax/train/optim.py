@@ -40,8 +40,22 @@ def weight_decay_mask(params, patterns: tuple[str, ...]):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def trainable_mask(params, patterns: tuple[str, ...]):
+    """True for the parameters that train: all of them when `patterns` is empty, else those whose
+    path matches any pattern (regular expressions, searched)."""
+    compiled = [re.compile(p) for p in patterns]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not compiled or any(p.search(param_path(path)) for p in compiled), params)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The full update rule. Gradient accumulation is done by the train step, not here."""
+    """The full update rule. Gradient accumulation is done by the train step, not here.
+
+    With train.trainable set, the rule runs on the trainable parameters only: optax.multi_transform
+    hands them to clip + AdamW (so the clipping norm is theirs alone) and the frozen ones to
+    set_to_zero, and builds the inner state on a tree where frozen leaves are empty nodes, so no
+    Adam moments are allocated for them; their update is exactly 0, leaving them bit-identical.
+    """
     parts = []
     if cfg.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
@@ -55,4 +69,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
             mask=lambda params: weight_decay_mask(params, cfg.no_decay_patterns),
         )
     )
-    return optax.chain(*parts)
+    update = optax.chain(*parts)
+    if not cfg.trainable:
+        return update  # the state layout of every run before train.trainable existed
+    labels = lambda params: jax.tree.map(lambda t: "trainable" if t else "frozen",
+                                         trainable_mask(params, cfg.trainable))
+    return optax.multi_transform({"trainable": update, "frozen": optax.set_to_zero()}, labels)

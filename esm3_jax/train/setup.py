@@ -10,11 +10,13 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from esm3_jax.model.esm3 import ESM3
-from esm3_jax.train import evaluate, optim
+from esm3_jax.train import evaluate, finetune, optim
 from esm3_jax.train import sharding as shd
 from esm3_jax.train import state as state_lib
 from esm3_jax.train import step as step_lib
@@ -37,9 +39,26 @@ class TrainSetup:
     def param_count(self) -> int:
         return state_lib.param_count(self.abstract_state.params)
 
+    @property
+    def trainable_count(self) -> int:
+        """Parameters the optimizer updates (all of them unless train.trainable is set)."""
+        mask = optim.trainable_mask(self.abstract_state.params, self.cfg.train.trainable)
+        return int(sum(np.prod(p.shape) for p, t in zip(jax.tree.leaves(self.abstract_state.params),
+                                                        jax.tree.leaves(mask)) if t))
+
     def fresh_state(self) -> state_lib.TrainState:
         """A new state from `train.seed`, each array created directly in its sharded layout."""
         return state_lib.create_state(self.model, self.tx, self.cfg.train.seed, self.state_shardings)
+
+    def initial_state(self) -> state_lib.TrainState:
+        """The state a run without checkpoints of its own starts from: `train.init_from`'s
+        parameters with a fresh optimizer state at step 0, or else a fresh state."""
+        tc = self.cfg.train
+        if not tc.init_from:
+            return self.fresh_state()
+        target = state_lib.abstract_with_shardings(self.abstract_state.params, self.state_shardings.params)
+        params = finetune.load_initial_params(tc.init_from, self.cfg.model, target)
+        return state_lib.state_from_params(params, self.tx, tc.seed, self.state_shardings)
 
     def restore_target(self) -> dict[str, Any]:
         """What a checkpoint restore is asked for: the state's shapes with their shardings."""
@@ -72,5 +91,9 @@ def setup_training(cfg: Config, devices: list) -> TrainSetup:
     model = ESM3(cfg.model)
     tx = optim.make_optimizer(cfg.train)
     abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules)
+    # A pattern that selects nothing is a typo that would silently freeze the whole model: fail
+    # here, before anything is compiled (aot and bench check it too).
+    finetune.validate_trainable(cfg.train.trainable, [optim.param_path(p) for p, _ in
+                                                      jax.tree_util.tree_leaves_with_path(abstract.params)])
     return TrainSetup(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, abstract_state=abstract,
                       state_shardings=shardings)

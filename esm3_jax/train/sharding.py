@@ -68,6 +68,10 @@ def logical_to_shardings(logical_specs, abstract_tree, mesh: Mesh, rules):
     and its abstract values (for the shapes)."""
 
     def one(path, spec, leaf):
+        if not hasattr(leaf, "shape"):
+            # An empty placeholder such as optax's MaskedNode (a frozen parameter's missing
+            # optimizer state): no array to place; kept so the tree matches the state's.
+            return leaf
         where = jax.tree_util.keystr(path)
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if spec is not None else P()
         return NamedSharding(mesh, _fit_spec(mesh_spec, tuple(leaf.shape), mesh, where))

@@ -65,6 +65,19 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, 
     return init(jax.random.PRNGKey(seed))
 
 
+def state_from_params(params, tx: optax.GradientTransformation, seed: int, shardings) -> TrainState:
+    """A step-0 state around existing (sharded) parameters: a fresh optimizer state, and the same
+    step RNG a fresh state from `seed` gets. The moments are created in their sharded layout."""
+
+    def build(p):
+        _, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=p, opt_state=tx.init(p), rng=state_rng,
+                          nonfinite_in_a_row=zero, nonfinite_total=zero)
+
+    return jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
 def abstract_with_shardings(abstract, shardings):
     """ShapeDtypeStructs carrying target shardings: what a checkpoint restore is asked for."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
