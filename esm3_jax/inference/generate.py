@@ -136,17 +136,20 @@ def _sample_function(logits_LxDxV, valid_V, temperature):
     """(tokens_LxD, entropy_L) of one row of the function track: the <none> rule, then argmax."""
     safe_t = jnp.where(temperature > 0, temperature, 1.0)
     tempered = jax.nn.log_softmax(logits_LxDxV / safe_t, axis=-1)
-    # T == 0: the limit of softmax(logits / T), a one-hot on the argmax (the reference divides by
-    # zero there and gets NaN).
-    one_hot = jnp.log(jax.nn.one_hot(jnp.argmax(logits_LxDxV, -1), logits_LxDxV.shape[-1]))
-    logp = jnp.where(temperature > 0, tempered, one_hot)
-    is_none_L = jnp.mean(jnp.exp(logp[..., T.FUNCTION_NONE]), axis=-1) > P_NONE_THRESHOLD
+    # T == 0: p(<none>) is the limit of softmax(logits / T), a one-hot on the argmax (the
+    # reference divides by zero there and gets NaN).
+    one_hot = jax.nn.one_hot(jnp.argmax(logits_LxDxV, -1), logits_LxDxV.shape[-1])
+    p_none_LxD = jnp.where(temperature > 0, jnp.exp(tempered), one_hot)[..., T.FUNCTION_NONE]
+    is_none_L = jnp.mean(p_none_LxD, axis=-1) > P_NONE_THRESHOLD
     vocab = jnp.arange(logits_LxDxV.shape[-1])
     allowed = valid_V & ((vocab != T.FUNCTION_NONE) | is_none_L[:, None, None])
-    logp = jnp.where(allowed, logp, -jnp.inf)
-    tokens_LxD = jnp.where(is_none_L[:, None], T.FUNCTION_NONE, jnp.argmax(logp, axis=-1))
-    # The joint entropy of the 8 sub-tokens (sum), of the distribution they were chosen from.
-    return tokens_LxD, jnp.sum(_entropy(logp), axis=-1)
+    # Argmax of the logits = argmax of the tempered log-probabilities, for any T > 0.
+    tokens_LxD = jnp.argmax(jnp.where(allowed, logits_LxDxV, -jnp.inf), axis=-1)
+    tokens_LxD = jnp.where(is_none_L[:, None], T.FUNCTION_NONE, tokens_LxD)
+    # The joint entropy of the 8 sub-tokens (sum), of the distribution they were chosen from
+    # (untempered at T == 0, where the tempered one is degenerate).
+    logp = jnp.where(temperature > 0, tempered, jax.nn.log_softmax(logits_LxDxV, axis=-1))
+    return tokens_LxD, jnp.sum(_entropy(jnp.where(allowed, logp, -jnp.inf)), axis=-1)
 
 
 def _is_masked(tokens, spec: TrackSpec):
