@@ -11,6 +11,7 @@ import pytest
 
 from esm3_jax import tokens as T
 from esm3_jax.cli import main
+from esm3_jax.compat.params_io import save_params
 from esm3_jax.compat.esm3_weights import infer_esm3_config, torch_to_esm3_params
 from esm3_jax.inference.generate import (
     GenerateError,
@@ -237,3 +238,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert main([*args[:6], "structure", *args[7:]]) == 2
     err = capsys.readouterr().err
     assert "in.npz" in err and "no masked 'structure'" in err
+    # A file that is not an .npz, and a checkpoint of another kind of model.
+    (tmp_path / "bad.npz").write_text("not an npz")
+    assert main([*args[:4], str(tmp_path / "bad.npz"), *args[5:]]) == 2
+    assert "bad.npz: not a readable .npz" in capsys.readouterr().err
+    save_params(tmp_path / "vq", {"w": np.zeros(2, np.float32)}, {"d_model": 8}, kind="vqvae")
+    assert main([*args[:2], str(tmp_path / "vq"), *args[3:]]) == 2
+    assert "holds a 'vqvae' model, not esm3" in capsys.readouterr().err

@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -304,7 +305,7 @@ def generate(
     step_fn = make_step(cfg, track, strategy, float(top_p))
     params = jax.device_put(params)
     key = jax.random.PRNGKey(seed)
-    chunk = batch_size or B
+    chunk = min(batch_size or B, B)
     out = tokens.copy()
     for start in range(0, B, chunk):
         rows = slice(start, start + chunk)
@@ -382,6 +383,7 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.track not in TRACKS:
         raise GenerateError(f"{path}: unknown track '{args.track}'; choose from {list(TRACKS)}")
     cfg, params = load_esm3(args.checkpoint, args.dtype)
+    started = time.perf_counter()
     out = generate(cfg, params, raw, args.track, args.num_steps, schedule=args.schedule, strategy=args.strategy,
                    temperature=args.temperature, temperature_annealing=not args.no_temperature_annealing,
                    top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, source=str(path))
@@ -389,7 +391,8 @@ def cli_main(args: argparse.Namespace) -> int:
     np.savez(args.out, **out)
     key = TRACKS[args.track].key
     changed = int(np.sum(np.any((out[key] != raw[key]).reshape(out[key].shape[0], out[key].shape[1], -1), -1)))
-    print(f"generate: {args.track} at {changed} positions of {out[key].shape[0]} row(s) -> {args.out}")
+    print(f"generate: {args.track} at {changed} positions of {out[key].shape[0]} row(s) in "
+          f"{time.perf_counter() - started:.1f} s (compilation included) -> {args.out}")
     if args.track == "sequence":
         for i, row in enumerate(out[key]):
             print(f"  row {i}: {T.decode_sequence(row)}")
