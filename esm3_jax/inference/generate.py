@@ -122,14 +122,14 @@ def _entropy(logits_NxV: jnp.ndarray) -> jnp.ndarray:
     return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
 
 
-def _sample_plain(logits_LxV, valid_V, temperature, key):
+def _sample_plain(logits_LxV, valid_V, temperature, keys_L):
     """(tokens_L, entropy_L) of one row of an integer track."""
     logits_LxV = jnp.where(valid_V, logits_LxV, -jnp.inf)
     # The entropy that orders positions is of these masked, untempered logits (the reference's
     # sample_logits overwrites its logits in place before the entropy is taken).
     entropy_L = _entropy(logits_LxV)
     safe_t = jnp.where(temperature > 0, temperature, 1.0)
-    drawn_L = jax.random.categorical(key, logits_LxV / safe_t, axis=-1)
+    drawn_L = jax.vmap(jax.random.categorical)(keys_L, logits_LxV / safe_t)
     return jnp.where(temperature > 0, drawn_L, jnp.argmax(logits_LxV, axis=-1)), entropy_L
 
 
@@ -161,7 +161,7 @@ def _is_masked(tokens, spec: TrackSpec):
 @functools.lru_cache(maxsize=32)
 def make_step(cfg: ModelConfig, track: str, strategy: str, top_p: float):
     """A jitted step `(params, inputs, tokens, open_BxL, active_B, keep_masked_B, temperature_B,
-    key) -> tokens`: one forward pass and one round of unmasking of `track` in every active row.
+    row_ids_B, key) -> tokens`: one forward pass and one round of unmasking of `track` in every active row.
 
     `open_BxL`: positions that may ever be generated (inside the row, not BOS/EOS/pad/chain break);
     `keep_masked_B`: how many masked positions each row keeps after this step.
@@ -169,7 +169,7 @@ def make_step(cfg: ModelConfig, track: str, strategy: str, top_p: float):
     spec = TRACKS[track]
     model = ESM3(cfg)
 
-    def step(params, inputs, tokens, open_BxL, active_B, keep_masked_B, temperature_B, key):
+    def step(params, inputs, tokens, open_BxL, active_B, keep_masked_B, temperature_B, row_ids_B, key):
         out = model.apply({"params": params}, **{**inputs, spec.key: tokens})
         logits = out[spec.logits]
         vocab = jnp.arange(logits.shape[-1])
@@ -179,25 +179,26 @@ def make_step(cfg: ModelConfig, track: str, strategy: str, top_p: float):
         masked_BxL = _is_masked(tokens, spec) & open_BxL
         still_B = jnp.sum(masked_BxL, axis=-1)
         k_B = jnp.where(active_B, jnp.maximum(still_B - keep_masked_B, 0), 0)
-        B = tokens.shape[0]
-        # One key per row, from its row index only: a row's draws do not depend on the batch size.
-        row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B))
+        # One key per (row, position), from the row's index in the whole input and the position:
+        # a row's draws depend on neither the batch size, the chunking nor the length bucket.
+        keys_BxL = jax.vmap(lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(key, i), j))(
+            jnp.arange(tokens.shape[1])))(row_ids_B)
 
-        def per_row(logits_row, masked_L, k, temp, row_key):
-            sample_key, order_key = jax.random.split(row_key)
+        def per_row(logits_row, masked_L, k, temp, keys_L):
+            sample_keys, order_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys_L), 1, 0)
             if track == "function":
                 sampled, entropy_L = _sample_function(logits_row, valid_V, temp)
             else:
-                sampled, entropy_L = _sample_plain(logits_row, valid_V, temp, sample_key)
+                sampled, entropy_L = _sample_plain(logits_row, valid_V, temp, sample_keys)
             if strategy == "entropy":
                 score_L = entropy_L
             else:
-                score_L = jax.random.uniform(order_key, masked_L.shape)
+                score_L = jax.vmap(jax.random.uniform)(order_keys)
             score_L = jnp.where(masked_L, score_L, jnp.inf)
             rank_L = jnp.argsort(jnp.argsort(score_L, stable=True), stable=True)
             return sampled.astype(jnp.int32), masked_L & (rank_L < k)
 
-        sampled, chosen_BxL = jax.vmap(per_row)(logits, masked_BxL, k_B, temperature_B, row_keys)
+        sampled, chosen_BxL = jax.vmap(per_row)(logits, masked_BxL, k_B, temperature_B, keys_BxL)
         chosen = chosen_BxL[..., None] if tokens.ndim == 3 else chosen_BxL
         return jnp.where(chosen, sampled, tokens)
 
@@ -263,8 +264,8 @@ def generate(
     `inputs` are the `forward` verb's arrays (validated here). Positions to generate hold the
     track's mask id (sequence 32, structure 4096 or -1, SS8/SASA/function 0 = their pad); BOS,
     EOS, chain breaks and padding are never touched. Rows run `batch_size` at a time (default: all)
-    padded to a multiple of `length_bucket`; a row's result depends on the seed and its row index,
-    not on the other rows.
+    padded to a multiple of `length_bucket`; a row's result depends on the seed and its row index
+    (random draws are keyed by seed, step, row and position), not on the other rows.
     """
     if track not in TRACKS:
         raise GenerateError(f"{source}: unknown track '{track}'; choose from {list(TRACKS)}")
@@ -322,15 +323,14 @@ def generate(
         n_b[:nb] = steps_B[rows]
         tot_b = np.zeros(chunk, int)
         tot_b[:nb] = total_B[rows]
-        # Row keys fold in the global row index, so chunking does not change any row's draws.
-        chunk_key = jax.random.fold_in(key, start)
+        row_ids = jnp.arange(start, start + chunk)
         for t in range(int(n_b.max())):
             active = t < n_b
             keep = np.array([still_masked_after(t, n, tot, schedule) if a else 0 for a, n, tot in zip(active, n_b, tot_b)], np.int32)
             temps = np.array([annealed_temperature(t, n, temperature) if temperature_annealing and a else temperature
                               for a, n in zip(active, n_b)], np.float32)
             tok_dev = step_fn(params, x_dev, tok_dev, opn_dev, jnp.asarray(active), jnp.asarray(keep),
-                              jnp.asarray(temps), jax.random.fold_in(chunk_key, t))
+                              jnp.asarray(temps), row_ids, jax.random.fold_in(key, t))
         out[rows, : min(L, Lb)] = np.asarray(tok_dev)[:nb, : min(L, Lb)]
     result = dict(inputs)
     result[spec.key] = out.astype(np.int32)
