@@ -15,6 +15,7 @@ import sys
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "forward": ("esm3_jax.inference.forward", "batched forward pass of a checkpoint over an .npz of tokens"),
+    "generate": ("esm3_jax.inference.generate", "fill the masked positions of one track by iterative unmasking (ESM3 generation)"),
     "convert": ("esm3_jax.compat.convert", "PyTorch state dict (official release format) <-> esm3-jax checkpoint"),
     "preprocess": ("esm3_jax.data.preprocess", "FASTA / jsonl / PDB+mmCIF folders / label files -> ArrayRecord shards"),
     "build-function-vocab": ("esm3_jax.data.function_tokens", "function keyword vocabulary, IDF and LSH hyperplanes from text"),
