@@ -131,16 +131,21 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: the checkpoint's)")
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    path = Path(args.inputs)
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an inputs .npz; a missing or unreadable file is an error naming it."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such inputs file")
     try:
         with np.load(path) as f:
-            raw = {k: f[k] for k in f.files}
+            return {k: f[k] for k in f.files}
     except Exception as e:
         raise InputError(f"{path}: not a readable .npz ({e})") from e
-    inputs = validate_inputs(raw, str(path))
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    path = Path(args.inputs)
+    inputs = validate_inputs(read_npz(path), str(path))
     cfg, params = load_esm3(args.checkpoint, args.dtype)
     out = forward(cfg, params, inputs, args.batch_size)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ import numpy as np
 
 from esm3_jax import tokens as T
 from esm3_jax.batch import MODEL_INPUTS
-from esm3_jax.inference.forward import InputError, load_esm3, validate_inputs
+from esm3_jax.inference.forward import InputError, load_esm3, read_npz, validate_inputs
 from esm3_jax.model.config import ModelConfig
 from esm3_jax.model.esm3 import ESM3
 from esm3_jax.runtime import cpu_matmul
@@ -372,13 +372,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     path = Path(args.inputs)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such inputs file")
-    try:
-        with np.load(path) as f:
-            raw = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise InputError(f"{path}: not a readable .npz ({e})") from e
+    raw = read_npz(path)
     # Everything about the request is checked before the checkpoint is read.
     if args.track not in TRACKS:
         raise GenerateError(f"{path}: unknown track '{args.track}'; choose from {list(TRACKS)}")
