@@ -280,6 +280,8 @@ def inverse_fold(
     num_steps: int = 8,
     temperature: float = 0.1,
     strategy: str = "random",
+    temperature_annealing: bool = True,
+    top_p: float = 1.0,
     seed: int = 0,
     batch_size: int | None = None,
     source: str = "structure",
@@ -289,8 +291,9 @@ def inverse_fold(
     if num_samples < 1:
         raise ValueError(f"{source}: num_samples must be >= 1, got {num_samples}")
     x = inverse_fold_inputs(chain.backbone, num_samples)
-    out = generate(cfg, params, x, "sequence", num_steps, strategy=strategy, temperature=temperature, seed=seed,
-                   batch_size=batch_size, never_sample=NONSTANDARD_SEQUENCE_IDS, source=source)
+    out = generate(cfg, params, x, "sequence", num_steps, strategy=strategy, temperature=temperature,
+                   temperature_annealing=temperature_annealing, top_p=top_p, seed=seed, batch_size=batch_size,
+                   never_sample=NONSTANDARD_SEQUENCE_IDS, source=source)
     return [T.decode_sequence(row) for row in out["sequence_tokens"]]
 
 
@@ -303,6 +306,8 @@ def _add_inverse_fold_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.1, help="sampling temperature, annealed as the reference does (0: argmax)")
     p.add_argument("--num-steps", type=int, default=8, help="unmasking steps (capped at the chain length)")
     p.add_argument("--strategy", default="random", help="which positions unmask first: random or entropy")
+    p.add_argument("--no-temperature-annealing", action="store_true", help="keep the temperature fixed (default: anneal as the reference does)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="samples per compiled step (default: all)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: the checkpoint's)")
@@ -320,7 +325,8 @@ def _inverse_fold_main(args: argparse.Namespace) -> int:
     cfg, params = load_esm3(args.checkpoint, args.dtype)
     started = time.perf_counter()
     designs = inverse_fold(cfg, params, chain, num_samples=args.num_samples, num_steps=args.num_steps,
-                           temperature=args.temperature, strategy=args.strategy, seed=args.seed,
+                           temperature=args.temperature, strategy=args.strategy,
+                           temperature_annealing=not args.no_temperature_annealing, top_p=args.top_p, seed=args.seed,
                            batch_size=args.batch_size, source=str(path))
     recoveries = [sequence_recovery(d, chain.sequence) for d in designs]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"{path.name.split('.')[0]}_{chain.chain_id}")
