@@ -16,6 +16,8 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "forward": ("esm3_jax.inference.forward", "batched forward pass of a checkpoint over an .npz of tokens"),
     "generate": ("esm3_jax.inference.generate", "fill the masked positions of one track by iterative unmasking (ESM3 generation)"),
+    "fold": ("esm3_jax.inference.tasks:FOLD_VERB", "sequences -> structure tokens -> PDBs with pLDDT, pTM (and RMSD/LDDT/TM against --native)"),
+    "inverse-fold": ("esm3_jax.inference.tasks:INVERSE_FOLD_VERB", "a backbone's coordinates -> designed sequences (FASTA), with sequence recovery"),
     "convert": ("esm3_jax.compat.convert", "PyTorch state dict (official release format) <-> esm3-jax checkpoint"),
     "preprocess": ("esm3_jax.data.preprocess", "FASTA / jsonl / PDB+mmCIF folders / label files -> ArrayRecord shards"),
     "build-function-vocab": ("esm3_jax.data.function_tokens", "function keyword vocabulary, IDF and LSH hyperplanes from text"),

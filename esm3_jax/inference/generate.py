@@ -159,12 +159,13 @@ def _is_masked(tokens, spec: TrackSpec):
 
 
 @functools.lru_cache(maxsize=32)
-def make_step(cfg: ModelConfig, track: str, strategy: str, top_p: float):
+def make_step(cfg: ModelConfig, track: str, strategy: str, top_p: float, never_sample: tuple[int, ...] = ()):
     """A jitted step `(params, inputs, tokens, open_BxL, active_B, keep_masked_B, temperature_B,
     row_ids_B, key) -> tokens`: one forward pass and one round of unmasking of `track` in every active row.
 
     `open_BxL`: positions that may ever be generated (inside the row, not BOS/EOS/pad/chain break);
-    `keep_masked_B`: how many masked positions each row keeps after this step.
+    `keep_masked_B`: how many masked positions each row keeps after this step;
+    `never_sample`: ids excluded on top of the track's own (e.g. the non-standard amino acids).
     """
     spec = TRACKS[track]
     model = ESM3(cfg)
@@ -173,7 +174,7 @@ def make_step(cfg: ModelConfig, track: str, strategy: str, top_p: float):
         out = model.apply({"params": params}, **{**inputs, spec.key: tokens})
         logits = out[spec.logits]
         vocab = jnp.arange(logits.shape[-1])
-        valid_V = (vocab < spec.vocab) & ~jnp.isin(vocab, jnp.asarray(spec.never))
+        valid_V = (vocab < spec.vocab) & ~jnp.isin(vocab, jnp.asarray(spec.never + tuple(never_sample)))
         if top_p < 1.0:
             logits = _top_p(logits, top_p)
         masked_BxL = _is_masked(tokens, spec) & open_BxL
@@ -257,6 +258,7 @@ def generate(
     seed: int = 0,
     batch_size: int | None = None,
     length_bucket: int = 64,
+    never_sample: Sequence[int] = (),
     source: str = "inputs",
 ) -> dict[str, np.ndarray]:
     """Fill the masked positions of `track` in every row; return `inputs` with that array filled.
@@ -266,6 +268,8 @@ def generate(
     EOS, chain breaks and padding are never touched. Rows run `batch_size` at a time (default: all)
     padded to a multiple of `length_bucket`; a row's result depends on the seed and its row index
     (random draws are keyed by seed, step, row and position), not on the other rows.
+    `never_sample`: ids of the track never sampled on top of its special ids (inverse folding
+    passes the non-standard amino acids X, B, U, Z, O, '.', '-' here).
     """
     if track not in TRACKS:
         raise GenerateError(f"{source}: unknown track '{track}'; choose from {list(TRACKS)}")
@@ -303,7 +307,10 @@ def generate(
 
     model_inputs = _model_inputs(inputs, lengths_B)
     model_inputs.pop(spec.key)
-    step_fn = make_step(cfg, track, strategy, float(top_p))
+    never = tuple(sorted({int(i) for i in never_sample}))
+    if any(not 0 <= i < spec.vocab for i in never):
+        raise GenerateError(f"{source}: never_sample ids {never} outside the {track} vocabulary [0, {spec.vocab})")
+    step_fn = make_step(cfg, track, strategy, float(top_p), never)
     params = jax.device_put(params)
     key = jax.random.PRNGKey(seed)
     chunk = min(batch_size or B, B)
