@@ -282,6 +282,16 @@ def test_weights_move_between_device_counts(frozen_run, tmp_path):
     # ... and to host numpy with no shardings at all (what `forward` and `convert --export` read).
     kind, _, host = load_params(tmp_path / "run8")
     assert kind == "esm3" and params_fingerprint(host) == r["loaded"]
+    # Every verb that reads parameters takes the 8-device run on this one device.
+    from esm3_jax.batch import random_inputs
+    from esm3_jax.cli import main as cli_main
+
+    np.savez(tmp_path / "in.npz", **{k: v for k, v in random_inputs(2, 16).items() if k == "sequence_tokens"})
+    assert cli_main(["checkpoint-info", str(tmp_path / "run8")]) == 0
+    assert cli_main(["convert", "--export", str(tmp_path / "run8"), "--out", str(tmp_path / "run8.pth")]) == 0
+    assert cli_main(["forward", "--checkpoint", str(tmp_path / "run8"), "--inputs", str(tmp_path / "in.npz"),
+                     "--out", str(tmp_path / "out.npz")]) == 0
+    assert np.load(tmp_path / "out.npz")["sequence_logits"].shape[:2] == (2, 16)
 
 
 if __name__ == "__main__":

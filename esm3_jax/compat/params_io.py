@@ -132,7 +132,12 @@ def read_checkpoint(directory: str | Path, step: int | None = None) -> dict[str,
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint folder")
     with _quiet_reads():
-        mngr = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+        # The handlers named up front: a fresh process has none registered for the items, and
+        # without them the manager gives no metadata for "state" (so no way to read it to host).
+        mngr = ocp.CheckpointManager(
+            directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
     steps = sorted(mngr.all_steps())
     if not steps:
         raise CheckpointError(f"{directory}: no complete checkpoint steps found")
@@ -140,7 +145,7 @@ def read_checkpoint(directory: str | Path, step: int | None = None) -> dict[str,
     if step not in steps:
         raise CheckpointError(f"{directory}: no step {step}; available: {steps}")
     with _quiet_reads():
-        meta_tree = mngr.item_metadata(step)["state"]
+        meta_tree = dict(mngr.item_metadata(step)["state"])
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta_tree)
         out = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=meta_tree, restore_args=restore_args),
