@@ -10,16 +10,13 @@ input readers (FASTA comes from data/sources.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import types
 from pathlib import Path
 
 import numpy as np
 
 from esm3_jax.data.sources import iter_fasta
-from esm3_jax.inference.structure_tokenizer import StructureTokenizer
-from esm3_jax.structure import geometry
-from esm3_jax.structure.chain import ProteinChain
+from esm3_jax.inference.structure_tokenizer import StructureTokenizer, decoded_chain
 from esm3_jax.structure.io import load_structure, write_structure
 
 
@@ -95,13 +92,7 @@ def decode_token_file(
                 dec = tok.decode(codes, sequence=sequence)
             except ValueError as e:
                 raise ValueError(f"{tokens_npz}: '{key}': {e}") from e
-            chain_id = key.rsplit("/", 1)[-1] or "A"
-            names = sequence or "X" * len(codes)
-            if "atom37" in dec:
-                chain = ProteinChain.from_coords(names, dec["atom37"], chain_id=chain_id, b_factor=100.0 * dec["plddt"])
-            else:
-                chain = ProteinChain.from_coords(names, dec["backbone"], chain_id=chain_id, b_factor=100.0 * dec["plddt"])
-                chain = dataclasses.replace(chain, coords=geometry.with_oxygen(chain.coords))
+            chain = decoded_chain(dec, sequence or "X" * len(codes), chain_id=key.rsplit("/", 1)[-1] or "A")
             write_structure(out_dir / (key.replace("/", "_") + ".pdb"), chain)
             ptms[key] = dec["ptm"]
     return ptms

@@ -18,6 +18,8 @@ from esm3_jax import tokens as T
 from esm3_jax.compat.params_io import DECODER_KIND, ENCODER_KIND, load_params
 from esm3_jax.config import from_dict
 from esm3_jax.model.vqvae import DecoderConfig, EncoderConfig, StructureDecoder, StructureEncoder, aa_indices
+from esm3_jax.structure import geometry
+from esm3_jax.structure.chain import ProteinChain
 
 # --- tokenizer API ------------------------------------------------------------------------------
 
@@ -134,3 +136,13 @@ class StructureTokenizer:
             mask = np.asarray(out["atom37_mask"])[0, 1 : L + 1]
             result["atom37"] = np.where(mask[..., None], np.asarray(out["atom37"])[0, 1 : L + 1], np.nan).astype(np.float32)
         return result
+
+
+def decoded_chain(decoded: dict[str, Any], sequence: str, chain_id: str = "A") -> ProteinChain:
+    """A chain to write from `StructureTokenizer.decode`'s output: every heavy atom an all-atom
+    decoder built, else N, CA, C and the geometrically placed O; pLDDT x 100 as the B-factors."""
+    b_factor = 100.0 * np.asarray(decoded["plddt"], np.float32)
+    if decoded.get("atom37") is not None:
+        return ProteinChain.from_coords(sequence, decoded["atom37"], chain_id=chain_id, b_factor=b_factor)
+    chain = ProteinChain.from_coords(sequence, decoded["backbone"], chain_id=chain_id, b_factor=b_factor)
+    return dataclasses.replace(chain, coords=geometry.with_oxygen(chain.coords))

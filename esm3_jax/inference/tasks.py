@@ -18,7 +18,6 @@ use data/sources.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import time
@@ -32,7 +31,7 @@ from esm3_jax import tokens as T
 from esm3_jax.batch import MODEL_INPUTS
 from esm3_jax.inference.forward import load_esm3
 from esm3_jax.inference.generate import generate
-from esm3_jax.inference.structure_tokenizer import StructureTokenizer
+from esm3_jax.inference.structure_tokenizer import StructureTokenizer, decoded_chain
 from esm3_jax.structure import geometry
 from esm3_jax.structure.chain import ProteinChain
 from esm3_jax.structure.io import load_structure, write_structure
@@ -177,13 +176,7 @@ def compare_to_native(backbone_Lx3x3: np.ndarray, sequence: str, native: Protein
 
 
 def _write_pdb(path: Path, sequence: str, result: dict[str, Any]) -> Path:
-    b = 100.0 * np.asarray(result["plddt"], np.float32)
-    if result.get("atom37") is not None:
-        chain = ProteinChain.from_coords(sequence, result["atom37"], chain_id="A", b_factor=b)
-    else:
-        chain = ProteinChain.from_coords(sequence, result["backbone"], chain_id="A", b_factor=b)
-        chain = dataclasses.replace(chain, coords=geometry.with_oxygen(chain.coords))
-    return write_structure(path, chain)
+    return write_structure(path, decoded_chain(result, sequence))
 
 
 def _add_fold_arguments(p: argparse.ArgumentParser) -> None:
