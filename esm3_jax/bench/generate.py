@@ -146,7 +146,9 @@ def bench_generate(config: str = "small", lengths=DEFAULT_LENGTHS, num_steps: in
     ref_model, state = build_reference_esm3(cfg.d_model, cfg.n_heads, cfg.v_heads, cfg.n_layers)
     attach_generation_tokenizers(ref_model)
     # Same weights on both sides: the reference's random init, converted.
-    params = jax.device_put(torch_to_esm3_params(state, infer_esm3_config(state, cfg.n_heads, compute_dtype=cfg.compute_dtype)))
+    # (in the config's layer layout: `small` keeps its blocks unscanned)
+    params = jax.device_put(torch_to_esm3_params(state, infer_esm3_config(
+        state, cfg.n_heads, compute_dtype=cfg.compute_dtype, scan_layers=cfg.scan_layers)))
     ref_tensors = _reference_tensors(proteins)
 
     def run_ours():
