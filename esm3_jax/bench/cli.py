@@ -3,7 +3,7 @@
 Every benchmark prints (1) esm3-jax against the reference implementation on identical config,
 weights and inputs, measured in the same process, and (2) model FLOP utilisation against the
 machine's matmul rate, measured in the same run with the same dtype. One module per benchmark:
-forward.py, train_step.py, vqvae.py, data.py.
+forward.py, train_step.py, vqvae.py, data.py, generate.py.
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--chains", type=int, default=8)
     v.add_argument("--length", type=int, default=256)
     v.add_argument("--repeats", type=int, default=3)
+    g = sub.add_parser("generate", help="batch generation vs the reference's batch_generate (proteins/s, ratio, tokens)")
+    g.add_argument("--config", default="small", help="config name under configs/ or a path (default small; tiny for a quick run)")
+    g.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="one protein per length, BOS/EOS included (default 8 proteins, 64 to 256)")
+    g.add_argument("--num-steps", type=int, default=16)
+    g.add_argument("--track", default="sequence", choices=("sequence", "structure"))
+    g.add_argument("--sampling", default="deterministic", choices=("deterministic", "default"),
+                   help="deterministic: entropy strategy, temperature 0, no annealing (tokens comparable); "
+                        "default: the reference GenerationConfig's (random strategy, temperature 1, annealing)")
+    g.add_argument("--repeats", type=int, default=2, help="alternating timed rounds after the first call")
     d = sub.add_parser("data", help="input pipeline tokens/s next to the train step's, same run")
     d.add_argument("--data", required=True, help="a folder of shards written by `esm3-jax preprocess`")
     d.add_argument("--config", default="small")
@@ -51,6 +61,11 @@ def cli_main(args: argparse.Namespace) -> int:
         from esm3_jax.bench.vqvae import bench_vqvae
 
         bench_vqvae(args.chains, args.length, repeats=args.repeats)
+    elif args.what == "generate":
+        from esm3_jax.bench.generate import DEFAULT_LENGTHS, bench_generate
+
+        bench_generate(args.config, tuple(args.lengths or DEFAULT_LENGTHS), args.num_steps, args.track,
+                       args.sampling, args.repeats)
     elif args.what == "data":
         from esm3_jax.bench.data import bench_data
 

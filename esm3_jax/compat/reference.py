@@ -63,3 +63,19 @@ def reference_forward(model, inputs: dict) -> dict[str, np.ndarray]:
     with torch.no_grad():
         out = model(**to_torch_inputs(inputs))
     return {n: getattr(out, n).float().numpy() for n in OUTPUT_NAMES}
+
+
+def attach_generation_tokenizers(model) -> None:
+    """Give a reference ESM3 built by `build_reference_esm3` the tokenizers its `generate` and
+    `batch_generate` read. The function and residue tokenizers read data files from the model hub;
+    generating the other tracks only asks them for their mask/pad/bos/eos ids (all 0) and the
+    function depth, so those two are stand-ins with exactly that."""
+    from esm.tokenization import EsmSequenceTokenizer, SASADiscretizingTokenizer, SecondaryStructureTokenizer, StructureTokenizer
+
+    stub = types.SimpleNamespace(depth=T.FUNCTION_DEPTH, mask_token_id=0, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                 vocab_to_index={"<none>": T.FUNCTION_NONE})
+    model.tokenizers = types.SimpleNamespace(
+        sequence=EsmSequenceTokenizer(), structure=StructureTokenizer(),
+        secondary_structure=SecondaryStructureTokenizer(kind="ss8"), sasa=SASADiscretizingTokenizer(),
+        function=stub, residue_annotations=stub,
+    )
