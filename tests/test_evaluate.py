@@ -171,8 +171,10 @@ def test_evaluate_is_deterministic_finite_and_learned(runs, capsys):
     _evaluate(work, work / "random", capsys, "--json", str(work / "r.json"))
     r = json.loads((work / "r.json").read_text())
     random_nll = _row(r["training_noise"], "sequence")["nll"]
-    assert math.log(20) - 0.3 < random_nll < math.log(33) + 0.3
-    assert seq["nll"] < random_nll - 0.05
+    # A random init is no better than uniform over the 20 amino acids; its logits are not flat
+    # (the head has 64 rows), so it sits somewhat above ln(64) rather than at ln(20)..ln(33).
+    assert math.log(20) < random_nll < math.log(64) + 1.0
+    assert seq["nll"] < random_nll - 0.3, (seq["nll"], random_nll)
 
 
 def test_bad_input_exits_2(runs, tmp_path, capsys):

@@ -303,7 +303,7 @@ def load(checkpoint: str, data_dir: str, config: str | None, overrides: list[str
         raw["model"] = {**saved_model, **{k: raw["model"][k] for k in finetune.EXECUTION_ONLY}}
         raw["data"]["datasets"] = [{"path": str(split)}]
         raw["data"]["seed"] = seed
-        raw["train"]["init_from"] = None
+        raw["train"]["init_from"] = ""
         raw["train"]["trainable"] = []
         cfg = validated(from_dict(Config, raw, f"{ck} + {config or DEFAULT_CONFIG}"), str(ck))
     except ConfigError as e:
