@@ -11,7 +11,7 @@ from scipy import stats
 from esm3_jax.data import noise as N
 
 
-@pytest.mark.parametrize("name", N.SCHEDULES)
+@pytest.mark.parametrize("name", [n for n in N.SCHEDULES if n != "none"])
 def test_sampled_rates_follow_the_schedule(name):
     rates = N.sample_mask_rate(name, np.random.default_rng(123), size=20_000)
     assert rates.min() >= 0.0 and rates.max() <= 1.0
@@ -38,6 +38,13 @@ def test_means_and_cdfs_agree_with_independent_formulas():
     # The maintainers' remark on betalinear30: a 25% mask rate is likelier than 75%.
     pdf = lambda x: (N.mask_rate_cdf("betalinear30", x + 1e-4) - N.mask_rate_cdf("betalinear30", x - 1e-4))
     assert pdf(0.25) > 3 * pdf(0.75)
+
+
+def test_the_none_schedule_masks_nothing():
+    rng = np.random.default_rng(0)
+    assert N.sample_mask_rate("none", rng) == 0.0 and N.mean_mask_rate("none") == 0.0
+    assert not N.sample_mask("none", np.ones(50, bool), rng).any()
+    assert (N.mask_rate_cdf("none", np.linspace(0, 1, 5)) == 1.0).all()
 
 
 def test_sample_mask_respects_eligibility_and_rate():

@@ -27,6 +27,9 @@ _T_SCHEDULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "square_root": lambda t: 1.0 - np.sqrt(t),
     "linear": lambda t: 1.0 - t,
     "square": lambda t: 1.0 - t**2,
+    # Rate 0: nothing masked. Not a training schedule: what `esm3-jax evaluate` reads noise-free
+    # batches with (the same proteins and crops as at the training noise, every track intact).
+    "none": lambda t: np.zeros_like(t),
 }
 # Inverses f^{-1}(r) of the maps above: P(R <= r) = P(t >= f^{-1}(r)) = 1 - f^{-1}(r).
 _T_INVERSES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -35,6 +38,7 @@ _T_INVERSES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "square_root": lambda r: (1.0 - r) ** 2,
     "linear": lambda r: 1.0 - r,
     "square": lambda r: np.sqrt(1.0 - r),
+    "none": lambda r: np.zeros_like(r),
 }
 _BETALINEAR_BETA_WEIGHT = 0.8
 _BETALINEAR_A, _BETALINEAR_B = 3, 9
@@ -81,7 +85,7 @@ def mean_mask_rate(name: str) -> float:
     if name == "betalinear30":
         beta_mean = _BETALINEAR_A / (_BETALINEAR_A + _BETALINEAR_B)
         return _BETALINEAR_BETA_WEIGHT * beta_mean + (1 - _BETALINEAR_BETA_WEIGHT) * 0.5
-    return {"cosine": 2 / math.pi, "cubic": 3 / 4, "square_root": 1 / 3, "linear": 1 / 2, "square": 2 / 3}[name]
+    return {"cosine": 2 / math.pi, "cubic": 3 / 4, "square_root": 1 / 3, "linear": 1 / 2, "square": 2 / 3, "none": 0.0}[name]
 
 
 def sample_mask(name: str, eligible_L: np.ndarray, rng: np.random.Generator) -> np.ndarray:
