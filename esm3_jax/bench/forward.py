@@ -41,7 +41,8 @@ def bench_forward(config: str, batch: int, length: int, repeats: int, reference:
 
         ref_model, state = build_reference_esm3(cfg.d_model, cfg.n_heads, cfg.v_heads, cfg.n_layers)
         # Same weights on both sides: the reference's random init, converted.
-        params = torch_to_esm3_params(state, infer_esm3_config(state, cfg.n_heads, compute_dtype=cfg.compute_dtype))
+        params = torch_to_esm3_params(state, infer_esm3_config(state, cfg.n_heads, compute_dtype=cfg.compute_dtype,
+                                                                      scan_layers=cfg.scan_layers))
     else:
         params = nn.unbox(init_params(cfg, jax.random.key(0)))
     fwd = make_forward(cfg)  # the very function `esm3-jax forward` runs
