@@ -72,6 +72,15 @@ def shapes(batch: int, length: int, fields: dict[str, Field] = TRAINING_FIELDS) 
     return {k: ((batch, length, *f.trailing), f.dtype) for k, f in fields.items()}
 
 
+def stack_proteins(proteins: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Single proteins (the same model-input keys each, length first) right-padded into one batch,
+    each array with its own pad value: the `forward` and `generate` verbs' .npz format."""
+    L = max(len(p["sequence_tokens"]) for p in proteins)
+    return {k: np.stack([np.pad(p[k], [(0, L - len(p[k]))] + [(0, 0)] * (p[k].ndim - 1),
+                                constant_values=MODEL_INPUTS[k].pad) for p in proteins]).astype(MODEL_INPUTS[k].dtype)
+            for k in proteins[0]}
+
+
 def abstract_batch(batch: int, length: int, sharding_of=lambda ndim: None) -> dict[str, jax.ShapeDtypeStruct]:
     """A training batch's shapes and dtypes, without data (what AOT compiles the step for);
     `sharding_of(ndim)` gives each array's sharding."""

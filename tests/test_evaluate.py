@@ -5,8 +5,6 @@ a random one), and bad input exiting 2."""
 import gzip
 import json
 import math
-import tempfile
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -86,17 +84,6 @@ def test_condition_batch_refuses_nonsense():
 
 
 # --- end to end ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def jax_cache():
-    cache = Path(tempfile.gettempdir()) / "esm3-jax-test-compilation-cache"
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield cache
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import os
 import struct
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import grain
@@ -29,12 +28,11 @@ from esm3_jax.train.config import load_config
 from esm3_jax.train.loop import train
 from esm3_jax.train.optim import param_path
 from esm3_jax.train.setup import setup_training
-from tests.paths import CONFIGS, REPO
+from tests.paths import CONFIGS, JAX_CACHE, REPO
 
 D, H, VH, NL = 64, 4, 8, 2  # configs/tiny.yaml's and configs/finetune_tiny.yaml's model
 ROWS, LENGTH = 4, 32
 TRAINABLE = [".*_head/", "^trunk/block_0/"]  # finetune_tiny.yaml's: heads + the last (plain) block
-JAX_CACHE = str(Path(tempfile.gettempdir()) / "esm3-jax-test-compilation-cache")
 
 
 class SyntheticBatches(grain.DatasetIterator):
@@ -65,14 +63,9 @@ def _host_paths(tree) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def jax_cache():
-    """A persistent XLA compilation cache (shared with the other training tests): reruns skip compiles."""
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+def _compilation_cache(jax_cache):
+    """Every test here shares the persistent compilation cache (conftest.py)."""
     yield
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +256,7 @@ def test_weights_move_between_device_counts(frozen_run, tmp_path):
     from esm3_jax.train.checkpoint import params_fingerprint
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_COMPILATION_CACHE_DIR=JAX_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_COMPILATION_CACHE_DIR=str(JAX_CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                # This checkout's esm3_jax and tests, whatever else the environment has installed.
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, __file__, str(frozen_run["out"]), str(tmp_path / "run8")],

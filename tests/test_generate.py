@@ -4,7 +4,6 @@ batch independence, prompt preservation, seeding, and the `generate` verb end to
 from __future__ import annotations
 
 import os
-import types
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from esm3_jax import tokens as T
 from esm3_jax.cli import main
 from esm3_jax.compat.params_io import save_params
 from esm3_jax.compat.esm3_weights import infer_esm3_config, torch_to_esm3_params
+from esm3_jax.compat.reference import attach_generation_tokenizers
 from esm3_jax.inference.generate import (
     GenerateError,
     annealed_temperature,
@@ -31,18 +31,8 @@ def models():
     """The reference ESM3 with random weights (and the tokenizers its generate needs), and the
     same weights converted for ours."""
     import_reference()
-    from esm.tokenization import EsmSequenceTokenizer, SASADiscretizingTokenizer, SecondaryStructureTokenizer, StructureTokenizer
-
     model, state = build_reference_esm3(D, H, VH, NL, seed=5)
-    # The function and residue tokenizers read data files from the model hub; generating the
-    # other tracks only asks them for their mask/pad/bos/eos ids (all 0) and the function depth.
-    stub = types.SimpleNamespace(depth=T.FUNCTION_DEPTH, mask_token_id=0, pad_token_id=0, bos_token_id=0, eos_token_id=0,
-                                 vocab_to_index={"<none>": T.FUNCTION_NONE})
-    model.tokenizers = types.SimpleNamespace(
-        sequence=EsmSequenceTokenizer(), structure=StructureTokenizer(),
-        secondary_structure=SecondaryStructureTokenizer(kind="ss8"), sasa=SASADiscretizingTokenizer(),
-        function=stub, residue_annotations=stub,
-    )
+    attach_generation_tokenizers(model)
     cfg = infer_esm3_config(state, H)
     return model, cfg, torch_to_esm3_params(state, cfg)
 

@@ -12,7 +12,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,19 +27,6 @@ from esm3_jax.train.loop import TrainingDiverged, train
 from tests.paths import DEMO, REPO
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    """A persistent XLA compilation cache shared by this module's runs (in- and out-of-process)."""
-    # Keyed by program and jax version, so it is safe to keep between sessions: reruns skip compiles.
-    cache = Path(tempfile.gettempdir()) / "esm3-jax-test-compilation-cache"
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield cache
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from esm3_jax import tokens as T
-from esm3_jax.batch import random_inputs
+from esm3_jax.batch import random_inputs, stack_proteins
 from esm3_jax.runtime.hardware import matmul_peak_flops
 from esm3_jax.train.config import load_config, resolve_config_path
 
@@ -57,19 +57,6 @@ def bench_proteins(lengths, track: str, seed: int = 0) -> list[dict[str, np.ndar
             p["structure_tokens"][1:-1] = T.STRUCTURE_MASK
             del p["structure_coords"]
         out.append(p)
-    return out
-
-
-def stack_proteins(proteins: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Right-pad into one batch in the `forward` verb's format (each input's pad value)."""
-    from esm3_jax.batch import MODEL_INPUTS
-
-    L = max(len(p["sequence_tokens"]) for p in proteins)
-    out = {}
-    for k in proteins[0]:
-        rows = [np.pad(p[k], [(0, L - len(p[k]))] + [(0, 0)] * (p[k].ndim - 1), constant_values=MODEL_INPUTS[k].pad)
-                for p in proteins]
-        out[k] = np.stack(rows).astype(MODEL_INPUTS[k].dtype)
     return out
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from esm3_jax import tokens as T
-from esm3_jax.batch import MODEL_INPUTS
+from esm3_jax.batch import stack_proteins
 from esm3_jax.inference.forward import load_esm3
 from esm3_jax.inference.generate import generate
 from esm3_jax.inference.structure_tokenizer import StructureTokenizer, decoded_chain
@@ -109,16 +109,6 @@ def _file_names(names: list[str]) -> list[str]:
     return out
 
 
-def _batch(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Right-pad single proteins (the same keys each) to one batch with each array's pad value."""
-    L = max(len(r["sequence_tokens"]) for r in rows)
-    out = {}
-    for k in rows[0]:
-        out[k] = np.stack([np.pad(r[k], [(0, L - len(r[k]))] + [(0, 0)] * (r[k].ndim - 1),
-                                  constant_values=MODEL_INPUTS[k].pad) for r in rows])
-    return out
-
-
 # --- fold ----------------------------------------------------------------------------------------
 
 
@@ -129,7 +119,7 @@ def fold_inputs(sequences: list[str]) -> dict[str, np.ndarray]:
     for seq in sequences:
         x = T.encode_protein(seq)
         rows.append({k: x[k] for k in ("sequence_tokens", "structure_tokens")})
-    return _batch(rows)
+    return stack_proteins(rows)
 
 
 def fold(
