@@ -8,7 +8,7 @@ in an annotated protein get <none> (3) in all eight slots; a protein with no ann
 <pad> (0), meaning "track absent".
 
 The vocabulary, IDF vector, label -> keywords map and hyperplanes are a `FunctionVocab`. It is either
-built from the user's own annotation text (`build_function_vocab`, the `esm3-jax build-function-vocab`
+built from the user's own annotation text (`build_function_vocab`; function_vocab.py is the `build-function-vocab`
 verb) or loaded from files in the official release's formats (`load_function_vocab`):
 
   keywords    text, one term per line         (keyword_vocabulary_safety_filtered_58641.txt)
@@ -22,7 +22,6 @@ terms, so a dense vector per residue would be pure waste.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import csv
 import dataclasses
@@ -355,39 +354,3 @@ def load_function_vocab_dir(vocab_dir: str | Path) -> FunctionVocab:
         raise FileNotFoundError(f"function vocabulary directory not found: {d}")
     names = (KEYWORDS_FILE, IDF_FILE, LABELS_FILE, HYPERPLANES_FILE)
     return load_function_vocab(*(_vocab_file(d, name) for name in names))
-
-
-# --- `esm3-jax build-function-vocab` ---------------------------------------------------------------
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", help="directory to write the vocabulary, IDF, label map and hyperplanes")
-    parser.add_argument(
-        "--scope-des", action="append", default=[],
-        help="SCOPe dir.des file (.gz ok): one label per family sccs, text = class/fold/superfamily/family names",
-    )  # fmt: skip
-    parser.add_argument(
-        "--label-text", action="append", default=[],
-        help="tab-separated file, one `label<TAB>description text` per line; a label may repeat",
-    )  # fmt: skip
-    parser.add_argument("--min-df", type=int, default=1, help="drop keywords found in fewer labels")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random hyperplanes")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    from esm3_jax.data import sources
-
-    texts: dict[str, list[str]] = collections.defaultdict(list)
-    for path in args.scope_des:
-        rows = sources.read_scope_des(path, sources.SCOPE_NAME_LEVELS)
-        for label, label_texts in sources.scope_label_texts(rows).items():
-            texts[label].extend(label_texts)
-    for path in args.label_text:
-        for label, text in sources.read_label_text(path):
-            texts[label].append(text)
-    if not texts:
-        raise FunctionVocabError("give at least one --scope-des or --label-text file")
-    vocab = build_function_vocab(texts, min_df=args.min_df, seed=args.seed)
-    out = save_function_vocab(vocab, args.out_dir)
-    print(f"{len(vocab.label_keywords)} labels, {len(vocab.keywords)} keywords -> {out}")
-    return 0
