@@ -12,7 +12,9 @@ from esm3_jax import cli
 from esm3_jax.data import split as sp
 
 AA = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
-needs_mmseqs = pytest.mark.skipif(shutil.which("mmseqs") is None, reason="mmseqs not installed (apt-get install -y mmseqs2)")
+needs_mmseqs = pytest.mark.skipif(
+    shutil.which("mmseqs") is None, reason="mmseqs not installed (apt-get install -y mmseqs2)"
+)
 
 
 def _families(n_families: int, members: int, length: int = 100, seed: int = 0) -> dict[str, str]:

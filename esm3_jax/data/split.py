@@ -195,5 +195,6 @@ def cli_main(args: argparse.Namespace) -> int:
         fractions=tuple(args.fractions), threads=args.threads,
     )  # fmt: skip
     parts = ", ".join(f"{k} {v['n_sequences']} ({v['n_clusters']} clusters)" for k, v in s["splits"].items())
-    print(f"{s['n_sequences']} sequences in {s['n_clusters']} clusters: {parts}; {s['n_skipped']} skipped -> {args.out}")
+    n = f"{s['n_sequences']} sequences in {s['n_clusters']} clusters"
+    print(f"{n}: {parts}; {s['n_skipped']} skipped -> {args.out}")
     return 0

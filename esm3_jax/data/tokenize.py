@@ -73,7 +73,8 @@ def to_record(
     n_unknown = sum(raw.sequence.count(c) for c in UNKNOWN_LETTERS)
     if n_unknown > max_unknown_fraction * L:
         raise src.SourceError(
-            "too many unknown residues", f"{n_unknown} of {L} residues are X, maximum fraction {max_unknown_fraction:g}"
+            "too many unknown residues",
+            f"{n_unknown} of {L} residues are X, maximum fraction {max_unknown_fraction:g}",
         )
     fields: dict = {}
     if raw.ss8 is not None:
