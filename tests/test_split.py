@@ -69,6 +69,14 @@ def test_near_duplicates_share_a_split_and_fractions_hold(tmp_path, capsys):
     assert 70 <= clusters["train"] <= 110 and 15 <= clusters["valid"] <= 45 and 15 <= clusters["test"] <= 45
     assert all(summary["splits"][s]["n_sequences"] == 3 * clusters[s] for s in sp.SPLITS)
 
+    # Preprocessing one split records the clustering in its manifest.
+    valid = [str(out / "valid" / f) for f in ("a.fasta", "b.jsonl")]
+    assert cli.main(["preprocess", *valid, "-o", str(tmp_path / "rec"), "-j", "1", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "rec" / "manifest.json").read_text())
+    assert manifest["clustering"]["split"] == "valid" and manifest["clustering"]["identity"] == 0.3
+    assert manifest["clustering"]["n_clusters"] == 150 and manifest["n_records"] == 3 * clusters["valid"]
+    capsys.readouterr()
+
     # Deterministic: the same inputs and seed give the same files; another seed moves clusters.
     assert cli.main(args[:-4] + ["-o", str(tmp_path / "again"), "--fractions", "0.6", "0.2", "0.2"]) == 0
     for name in sp.SPLITS:

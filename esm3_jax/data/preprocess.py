@@ -9,7 +9,9 @@ The output folder holds:
     shard-00000.array_record ...  the records; shard k holds the proteins of input entries
                                   [k * records_per_shard, (k + 1) * records_per_shard)
     manifest.json                 counts (records, tokens, rejects by reason), which tracks the records
-                                  carry, a length histogram, per-input counts, shard checksums
+                                  carry, a length histogram, per-input counts, shard checksums; for
+                                  inputs written by `esm3-jax split`, "clustering": the split's name
+                                  and its split.json (MMseqs2 version, identity, counts per split)
     rejects.jsonl                 one line per skipped protein: source, id, reason, detail. Reasons:
                                   unparsable, empty, too short, unknown letters,
                                   too many unknown residues, length mismatch,
@@ -355,6 +357,24 @@ def _reason_summary(manifest: dict) -> str:
     return ", ".join(f"{n} {r}" for r, n in manifest["rejected_by_reason"].items())
 
 
+def split_clustering(paths: Sequence[str]) -> dict | None:
+    """The clustering behind inputs written by `esm3-jax split` (each in `<root>/<split>/`, beside
+    `<root>/split.json`), for the manifest: the split's name and split.json less its skipped list.
+    None when any input is not from one and the same split."""
+    from esm3_jax.data import split as split_verb
+
+    folders = {Path(p).resolve().parent for p in paths}
+    if len(folders) != 1:
+        return None
+    (folder,) = folders
+    info = folder.parent / split_verb.SPLIT_JSON
+    if folder.name not in split_verb.SPLITS or not info.is_file():
+        return None
+    summary = json.loads(info.read_text())
+    summary.pop("skipped", None)
+    return {"split": folder.name, "split_json": str(info), **summary}
+
+
 def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> dict:
     """manifest.json and rejects.jsonl from the per-shard lines, in shard order (deterministic)."""
     rows = [results[i] for i in sorted(results)]
@@ -394,6 +414,9 @@ def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> d
         "shards": [{"file": r["file"], "n_records": r["n_records"], "sha256": r["sha256"]} for r in rows],
         "settings": settings.to_json(),
     }
+    clustering = split_clustering([path for path, _ in settings.inputs])
+    if clustering is not None:
+        manifest["clustering"] = clustering
     tmp = out / f".{MANIFEST}.partial"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out / MANIFEST)
