@@ -180,12 +180,38 @@ def test_everything_rejected_fails_loudly(tmp_path, capsys):
 def test_cli_summary_and_unknown_input_type(tmp_path, capsys):
     fasta = tmp_path / "x.fa"
     fasta.write_text(">a\nMKTAYIAKQR\n>b\nGSHM\n")
-    assert cli.main(["preprocess", str(fasta), "-o", str(tmp_path / "out"), "-j", "1", "--no-progress"]) == 0
+    # GSHM (4 residues) is under the default --min-length 8: kept by lowering it explicitly.
+    args = ["preprocess", str(fasta), "-o", str(tmp_path / "out"), "-j", "1", "--no-progress", "--min-length", "4"]
+    assert cli.main(args) == 0
     assert "2 records (18 tokens) in 1 shards; 0 rejected" in capsys.readouterr().out
     odd = tmp_path / "x.xyz"
     odd.write_text("")
     assert cli.main(["preprocess", str(odd), "-o", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "unknown input type '.xyz'" in capsys.readouterr().err
+
+
+def test_one_residue_and_all_unknown_chains_rejected_by_default(tmp_path, capsys):
+    """Default settings reject a 1-residue chain (too short) and an all-X chain (too many unknown
+    residues), count both in the manifest, and keep the good record beside them; the flags move the bar."""
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(
+        ">good\nMKTAYIAKQRQISFVKSHFSRQ\n>one\nM\n>all_x\nXXXXXXXXXXXX\n>half_x\nMKTAYIXXXXXX\n>most_x\nMKTAYXXXXXXX\n"
+    )
+    out = tmp_path / "out"
+    manifest = pp.run(pp.Settings(inputs=((str(fasta), "fasta"),)), out, progress=False)
+    assert [r.id for r in _read(out)] == ["good", "half_x"]  # exactly half X is still kept
+    assert {r["id"]: r["reason"] for r in _rejects(out)} == {
+        "one": "too short", "all_x": "too many unknown residues", "most_x": "too many unknown residues",
+    }  # fmt: skip
+    assert manifest["rejected_by_reason"] == {"too many unknown residues": 2, "too short": 1}
+    assert manifest["n_records"] == 2 and manifest["n_rejected"] == 3
+    assert manifest["settings"]["min_length"] == 8 and manifest["settings"]["max_unknown_fraction"] == 0.5
+
+    args = ["preprocess", str(fasta), "-o", str(tmp_path / "o2"), "-j", "1", "--no-progress"]
+    assert cli.main(args + ["--min-length", "1", "--max-unknown-fraction", "1"]) == 0
+    assert "5 records" in capsys.readouterr().out
+    assert cli.main(args + ["--overwrite", "--max-unknown-fraction", "1.5"]) == 2
+    assert "max unknown fraction must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_structure_encoder_option_errors_clearly_without_the_tokenizer(tmp_path, capsys, monkeypatch):

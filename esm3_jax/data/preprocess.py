@@ -9,9 +9,12 @@ The output folder holds:
     shard-00000.array_record ...  the records; shard k holds the proteins of input entries
                                   [k * records_per_shard, (k + 1) * records_per_shard)
     manifest.json                 counts (records, tokens, rejects by reason), which tracks the records
-                                  carry, a length histogram, per-input counts, shard checksums
+                                  carry, a length histogram, per-input counts, shard checksums; for
+                                  inputs written by `esm3-jax split`, "clustering": the split's name
+                                  and its split.json (MMseqs2 version, identity, counts per split)
     rejects.jsonl                 one line per skipped protein: source, id, reason, detail. Reasons:
-                                  unparsable, empty, too short, unknown letters, length mismatch,
+                                  unparsable, empty, too short, unknown letters,
+                                  too many unknown residues, length mismatch,
                                   no backbone, no protein chains, bad coordinates, bad function label,
                                   structure features failed
     progress.jsonl                the run's settings, then one line per finished shard (for resume)
@@ -69,7 +72,14 @@ class Settings:
 
     inputs: tuple[tuple[str, str], ...]  # (path, kind) in order
     records_per_shard: int = 10_000
-    min_length: int = 1
+    # 8 residues: shorter chains (peptide ligands, fragments a structure file resolves only in part) hold
+    # too little to learn a fold or a language from, and in an mmCIF a 1-3 residue "chain" is usually a
+    # modified residue or capping group. 8 still keeps short real peptides such as hormones; raise it
+    # (ESM-style corpora often use 30-50) or lower it with --min-length.
+    min_length: int = 8
+    # Above half X the sequence track is mostly <X>: the chain teaches the model to predict X. A chain
+    # with only a few unresolved residues stays.
+    max_unknown_fraction: float = 0.5
     function_vocab: str | None = None  # directory of save_function_vocab files
     structure_encoder: str | None = None
     parse: src.ParseOptions = src.ParseOptions()
@@ -81,6 +91,8 @@ class Settings:
             raise ValueError(f"records per shard must be positive, got {self.records_per_shard}")
         if self.min_length < 1:
             raise ValueError(f"min length must be at least 1, got {self.min_length}")
+        if not 0.0 <= self.max_unknown_fraction <= 1.0:
+            raise ValueError(f"max unknown fraction must be in [0, 1], got {self.max_unknown_fraction}")
         if self.parse.function_from_sccs and self.function_vocab is None:
             raise ValueError("--function-from-sccs needs --function-vocab (the labels must be in a vocabulary)")
         if self.parse.scope_domains_path is not None and self.function_vocab is None:
@@ -150,7 +162,7 @@ def process_shard(
             try:
                 if isinstance(item, src.SourceError):
                     raise item
-                record = to_record(item, tok, settings.min_length)
+                record = to_record(item, tok, settings.min_length, settings.max_unknown_fraction)
             except src.SourceError as e:
                 rid = item.id if isinstance(item, src.RawProtein) else item.record_id
                 rejects.append({"source": entry.location, "id": rid, "reason": e.reason, "detail": e.detail})
@@ -345,6 +357,24 @@ def _reason_summary(manifest: dict) -> str:
     return ", ".join(f"{n} {r}" for r, n in manifest["rejected_by_reason"].items())
 
 
+def split_clustering(paths: Sequence[str]) -> dict | None:
+    """The clustering behind inputs written by `esm3-jax split` (each in `<root>/<split>/`, beside
+    `<root>/split.json`), for the manifest: the split's name and split.json less its skipped list.
+    None when any input is not from one and the same split."""
+    from esm3_jax.data import split as split_verb
+
+    folders = {Path(p).resolve().parent for p in paths}
+    if len(folders) != 1:
+        return None
+    (folder,) = folders
+    info = folder.parent / split_verb.SPLIT_JSON
+    if folder.name not in split_verb.SPLITS or not info.is_file():
+        return None
+    summary = json.loads(info.read_text())
+    summary.pop("skipped", None)
+    return {"split": folder.name, "split_json": str(info), **summary}
+
+
 def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> dict:
     """manifest.json and rejects.jsonl from the per-shard lines, in shard order (deterministic)."""
     rows = [results[i] for i in sorted(results)]
@@ -384,6 +414,9 @@ def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> d
         "shards": [{"file": r["file"], "n_records": r["n_records"], "sha256": r["sha256"]} for r in rows],
         "settings": settings.to_json(),
     }
+    clustering = split_clustering([path for path, _ in settings.inputs])
+    if clustering is not None:
+        manifest["clustering"] = clustering
     tmp = out / f".{MANIFEST}.partial"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out / MANIFEST)
@@ -426,7 +459,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--records-per-shard", type=int, default=Settings.records_per_shard,
                         help="input entries per shard (a structure file is one entry)")  # fmt: skip
-    parser.add_argument("--min-length", type=int, default=Settings.min_length, help="reject shorter proteins")
+    parser.add_argument(
+        "--min-length", type=int, default=Settings.min_length,
+        help=f"reject proteins with fewer residues (default {Settings.min_length})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-unknown-fraction", type=float, default=Settings.max_unknown_fraction,
+        help="reject proteins whose fraction of unknown residues (X) is above this "
+        f"(default {Settings.max_unknown_fraction}; 1 keeps all)",
+    )  # fmt: skip
     parser.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     parser.add_argument(
         "--overwrite", action="store_true", help="discard an earlier run in --out (otherwise it is resumed)"
@@ -450,6 +491,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         inputs=tuple(inputs),
         records_per_shard=args.records_per_shard,
         min_length=args.min_length,
+        max_unknown_fraction=args.max_unknown_fraction,
         function_vocab=args.function_vocab,
         structure_encoder=args.structure_encoder,
         parse=parse,

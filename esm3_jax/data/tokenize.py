@@ -19,6 +19,11 @@ from esm3_jax.data import sources as src
 # Residue letters a protein may hold; tokens.py also accepts gap, chain-break and mask symbols, which
 # in a raw input mean a malformed record rather than a residue.
 _RESIDUE_LETTERS = frozenset("LAGVSERTIDPKQNFYMHWCXBUZO")
+# Letters counted as unknown residues by `max_unknown_fraction`: X alone. tokens.py maps no letter to
+# <unk> (it rejects anything outside its vocabulary); B (D or N) and Z (E or Q) are ambiguous but still
+# say something, and U (selenocysteine) and O (pyrrolysine) are real residues. Structure chains write
+# unknown or non-standard residues as X (residue_constants.UNKNOWN_RESIDUE).
+UNKNOWN_LETTERS = frozenset("X")
 
 
 class StructureEncoderUnavailable(ValueError):
@@ -52,14 +57,25 @@ def _track(encode: Callable[[], np.ndarray], what: str, length: int, reason: str
     return ids
 
 
-def to_record(raw: src.RawProtein, tok: Tokenizers, min_length: int) -> records.ProteinRecord:
-    """Validate and tokenize one protein. Raises SourceError with the reject reason."""
+def to_record(
+    raw: src.RawProtein, tok: Tokenizers, min_length: int, max_unknown_fraction: float = 1.0
+) -> records.ProteinRecord:
+    """Validate and tokenize one protein. Raises SourceError with the reject reason.
+
+    Rejects a chain shorter than `min_length` ("too short") and one whose fraction of unknown residues
+    (X) is above `max_unknown_fraction` ("too many unknown residues")."""
     L = len(raw.sequence)
     if L == 0:
         raise src.SourceError("empty", "no residues")
     seq = _sequence_tokens(raw.sequence)
     if L < min_length:
         raise src.SourceError("too short", f"{L} residues, minimum {min_length}")
+    n_unknown = sum(raw.sequence.count(c) for c in UNKNOWN_LETTERS)
+    if n_unknown > max_unknown_fraction * L:
+        raise src.SourceError(
+            "too many unknown residues",
+            f"{n_unknown} of {L} residues are X, maximum fraction {max_unknown_fraction:g}",
+        )
     fields: dict = {}
     if raw.ss8 is not None:
         fields["ss8_tokens"] = _track(
