@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("esm3_jax.inference.generate", "fill the masked positions of one track by iterative unmasking (ESM3 generation)"),
     "fold": ("esm3_jax.inference.tasks:FOLD_VERB", "sequences -> structure tokens -> PDBs with pLDDT, pTM (and RMSD/LDDT/TM against --native)"),
     "inverse-fold": ("esm3_jax.inference.tasks:INVERSE_FOLD_VERB", "a backbone's coordinates -> designed sequences (FASTA), with sequence recovery"),
+    "predict-function": ("esm3_jax.data.function_prediction", "function keywords, residue annotations (and InterPro ids with a function decoder) over residue ranges"),
     "convert": ("esm3_jax.compat.convert", "PyTorch state dict (official release format) <-> esm3-jax checkpoint"),
     "preprocess": ("esm3_jax.data.preprocess", "FASTA / jsonl / PDB+mmCIF folders / label files -> ArrayRecord shards"),
     "split": ("esm3_jax.data.split", "FASTA / jsonl -> train/valid/test inputs by MMseqs2 sequence clusters (no near-duplicates across splits)"),

@@ -66,12 +66,25 @@ def _esm3_export(params: dict, config: dict) -> dict[str, Array]:
     return esm3_params_to_torch(params, model_config_from_dict(config))
 
 
+def _esm_function_label_files() -> tuple[Path | None, Path | None]:
+    """The keyword and InterPro lists the installed esm package ships with the released function
+    decoder (files in the package, no download); (None, None) without the package."""
+    try:
+        from esm.utils.constants import esm3 as C
+    except ImportError:
+        return None, None
+    return Path(C.IN_REPO_DATA_FOLDER) / Path(C.KEYWORDS_VOCABULARY).name, Path(C.INTERPRO_ENTRY)
+
+
+def _function_decoder_import(state: dict[str, Array], args: argparse.Namespace) -> tuple[dict, dict, dict[str, str]]:
+    return function_decoder_weights.function_decoder_import(state, args, _esm_function_label_files())
+
+
 KINDS: dict[str, tuple[Callable, Callable]] = {
     ESM3_KIND: (_esm3_import, _esm3_export),
     ENCODER_KIND: (tokenizer_weights.encoder_import, tokenizer_weights.encoder_export),
     DECODER_KIND: (tokenizer_weights.decoder_import, tokenizer_weights.decoder_export),
-    FUNCTION_DECODER_KIND: (function_decoder_weights.function_decoder_import,
-                            function_decoder_weights.function_decoder_export),
+    FUNCTION_DECODER_KIND: (_function_decoder_import, function_decoder_weights.function_decoder_export),
 }
 
 

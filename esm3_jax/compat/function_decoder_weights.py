@@ -121,17 +121,8 @@ def read_interpro_entries(path: str | Path) -> list[str]:
     return sorted(ids)
 
 
-def _default_label_files() -> tuple[Path | None, Path | None]:
-    """The lists the installed esm package ships with the released decoder (no download)."""
-    try:
-        from esm.utils.constants import esm3 as C
-    except ImportError:
-        return None, None
-    return Path(C.IN_REPO_DATA_FOLDER) / Path(C.KEYWORDS_VOCABULARY).name, Path(C.INTERPRO_ENTRY)
-
-
-def _labels(args: argparse.Namespace, cfg: FunctionDecoderConfig) -> dict[str, str]:
-    default_kw, default_ipr = _default_label_files()
+def _labels(args: argparse.Namespace, cfg: FunctionDecoderConfig, defaults: tuple[Path | None, Path | None]) -> dict[str, str]:
+    default_kw, default_ipr = defaults
     kw_path = getattr(args, "keyword_vocabulary", None) or default_kw
     ipr_path = getattr(args, "interpro_entries", None) or default_ipr
     if kw_path is None or ipr_path is None:
@@ -146,10 +137,13 @@ def _labels(args: argparse.Namespace, cfg: FunctionDecoderConfig) -> dict[str, s
     return {KEYWORDS_FILE: "\n".join(keywords) + "\n", INTERPRO_FILE: "\n".join(interpro) + "\n"}
 
 
-# `esm3-jax convert --kind function-decoder` (registered in convert.KINDS).
-def function_decoder_import(state: dict[str, Array], args: argparse.Namespace) -> tuple[dict, dict, dict[str, str]]:
+# `esm3-jax convert --kind function-decoder` (registered in convert.KINDS, which finds the
+# default label files: this module is also read by inference/, where the esm package may not be).
+def function_decoder_import(state: dict[str, Array], args: argparse.Namespace,
+                            default_label_files: tuple[Path | None, Path | None] = (None, None)
+                            ) -> tuple[dict, dict, dict[str, str]]:
     cfg, variables = function_decoder_from_torch(state, getattr(args, "n_heads", None) or RELEASED_N_HEADS)
-    return variables, to_dict(cfg), _labels(args, cfg)
+    return variables, to_dict(cfg), _labels(args, cfg, default_label_files)
 
 
 def function_decoder_export(variables: dict, config: dict) -> dict[str, Array]:

@@ -91,19 +91,26 @@ def merge_positions(positions: list[int] | np.ndarray, merge_gap: int = 3, min_l
     return [(a, b) for a, b in ranges if b - a + 1 >= min_length]
 
 
-def label_ranges(hits_LxC: np.ndarray, scores_LxC: np.ndarray, names: tuple[str, ...] | list[str], *, merge_gap: int = 3,
-                 min_length: int = 5, first_position: int = 1) -> list[dict]:
-    """Per class with any hit: its merged ranges, each {start, end, label, score} with the mean
-    score over the range's hit positions; positions count from `first_position` (1: residue
-    numbers). Sorted by start, then by score descending."""
+def label_ranges(hits: list[tuple[int, str, float]], *, merge_gap: int = 3, min_length: int = 5,
+                 first_position: int = 1) -> list[dict]:
+    """(position, label, score) hits -> per label its merged ranges, each {start, end, label,
+    score} with the mean score over the range's hits; positions count from `first_position`
+    (1: residue numbers). Sorted by start, then score descending."""
+    by_label: dict[str, dict[int, float]] = {}
+    for pos, label, score in hits:
+        by_label.setdefault(label, {})[int(pos)] = float(score)
     out = []
-    for c in np.flatnonzero(hits_LxC.any(axis=0)):
-        pos = np.flatnonzero(hits_LxC[:, c])
-        for a, b in merge_positions(pos, merge_gap, min_length):
-            inside = pos[(pos >= a) & (pos <= b)]
-            out.append({"start": a + first_position, "end": b + first_position, "label": names[c],
-                        "score": float(np.mean(scores_LxC[inside, c]))})
+    for label, scores in by_label.items():
+        for a, b in merge_positions(list(scores), merge_gap, min_length):
+            inside = [v for p, v in scores.items() if a <= p <= b]
+            out.append({"start": a + first_position, "end": b + first_position, "label": label,
+                        "score": float(np.mean(inside))})
     return sorted(out, key=lambda r: (r["start"], -r["score"], r["label"]))
+
+
+def _hits(probs_LxC: np.ndarray, threshold: float, decodable_L: np.ndarray, names) -> list[tuple[int, str, float]]:
+    pos, cls = np.nonzero((probs_LxC >= threshold) & decodable_L[:, None])
+    return [(int(p), names[c], float(probs_LxC[p, c])) for p, c in zip(pos, cls)]
 
 
 def decode_function_tokens(decoder: FunctionDecoder, tokens_LxD: np.ndarray, *, keyword_threshold: float = 0.5,
@@ -112,9 +119,9 @@ def decode_function_tokens(decoder: FunctionDecoder, tokens_LxD: np.ndarray, *, 
     ranges over residue numbers 1..L, with the reference decoder's thresholds (keywords
     p >= 0.5, InterPro p >= 0.1) and merging (gaps <= 3 joined, ranges < 5 dropped)."""
     probs = decoder.probabilities(tokens_LxD)
+    decodable_L = np.all(np.asarray(tokens_LxD) >= T.FUNCTION_LSH_OFFSET, axis=1)
+    ranges = functools.partial(label_ranges, merge_gap=merge_gap, min_length=min_length)
     return {
-        "keywords": label_ranges(probs["keywords"] >= keyword_threshold, probs["keywords"], decoder.keywords,
-                                 merge_gap=merge_gap, min_length=min_length),
-        "interpro": label_ranges(probs["interpro"] >= interpro_threshold, probs["interpro"], decoder.interpro_ids,
-                                 merge_gap=merge_gap, min_length=min_length),
+        "keywords": ranges(_hits(probs["keywords"], keyword_threshold, decodable_L, decoder.keywords)),
+        "interpro": ranges(_hits(probs["interpro"], interpro_threshold, decodable_L, decoder.interpro_ids)),
     }
