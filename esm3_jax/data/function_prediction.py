@@ -144,13 +144,14 @@ def read_out(
 ) -> dict[str, list[dict]]:
     """One protein's tokens and residue logits -> the (a), (b), (c) ranges of the module doc."""
     ranges = lambda hits: label_ranges(hits, merge_gap=merge_gap, min_length=min_length)  # noqa: E731
-    matches = ft.nearest_function_labels(vocab, tokens_LxD, max_hamming)
+    matches, nearest_L = ft.nearest_function_labels(vocab, tokens_LxD, max_hamming)
     vocab_ranges = ranges([(p, name, math.cos(math.pi * d / (vocab.depth * vocab.bits))) for p, name, d in matches])
     for r in vocab_ranges:
         r["kind"] = "label" if r["label"] in vocab.label_keywords else "keyword"
         r["keywords"] = ft.label_top_keywords(vocab, r["label"])
     residue_ranges = ranges([(p, residue_names[i], prob) for p, i, prob in residue_annotation_hits(residue_logits_LxV)])
-    result = {"function_keywords": vocab_ranges, "residue_annotations": residue_ranges}
+    result = {"function_keywords": vocab_ranges, "residue_annotations": residue_ranges,
+              "vocab_nearest_hamming": nearest_L.tolist()}
     if decoder is not None:
         decoded = decode_function_tokens(decoder, tokens_LxD, merge_gap=merge_gap, min_length=min_length)
         result["decoder_keywords"], result["decoder_interpro"] = decoded["keywords"], decoded["interpro"]
@@ -185,6 +186,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-hamming", type=int, default=10, help="furthest LSH signature (bits of 64) that counts as a match")
     p.add_argument("--merge-gap", type=int, default=3, help="join a label's runs across gaps of up to this many residues")
     p.add_argument("--min-length", type=int, default=5, help="drop ranges shorter than this many residues")
+    p.add_argument("--top", type=int, default=10, help="ranges printed per source and protein, highest score first (the JSON has all)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=None, help="proteins per compiled step (default: all)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: the checkpoint's)")
@@ -214,23 +216,30 @@ def _read_proteins(args: argparse.Namespace) -> tuple[str, list[tuple[str, str, 
     return str(path), [(name, chain.sequence, function_inputs(seq, chain.backbone, codes))]
 
 
-def _table(name: str, length: int, tokens: np.ndarray, result: dict[str, list[dict]]) -> list[str]:
+def _table(name: str, length: int, tokens: np.ndarray, result: dict[str, list[dict]], top: int) -> list[str]:
+    """The printed summary: per source its `top` highest-scoring ranges (the JSON has them all)."""
     has = int(np.all(tokens >= T.FUNCTION_LSH_OFFSET, axis=1).sum())
     none = int(np.all(tokens == T.FUNCTION_NONE, axis=1).sum())
-    lines = [f"{name}: {length} residues; function tokens at {has}, <none> at {none}",
+    nearest = np.array([d for d in result["vocab_nearest_hamming"] if d >= 0])
+    near = (f"; nearest vocabulary signature {nearest.min()}-{nearest.max()} bits away (median "
+            f"{np.median(nearest):g})" if len(nearest) else "")
+    lines = [f"{name}: {length} residues; function tokens at {has}, <none> at {none}{near}",
              f"  {'range':<11} {'source':<18} {'label':<52} score"]
     sources = [("function_keywords", "vocab"), ("residue_annotations", "residue annotation"),
                ("decoder_keywords", "decoder keyword"), ("decoder_interpro", "decoder InterPro")]
-    rows = 0
     for key, what in sources:
-        for r in result.get(key, []):
+        if key not in result:
+            continue
+        ranges = sorted(result[key], key=lambda r: (-r["score"], r["start"], r["label"]))
+        if not ranges:
+            lines.append(f"  {'-':<11} {what:<18} (none above the threshold)")
+        for r in ranges[:top]:
             label = r["label"]
             if r.get("kind") == "label":
                 label = f"{label} ({', '.join(r['keywords'][:3])})"
             lines.append(f"  {r['start']:>4}-{r['end']:<6} {what:<18} {label[:52]:<52} {r['score']:.3f}")
-            rows += 1
-    if not rows:
-        lines.append("  (nothing predicted above the thresholds)")
+        if len(ranges) > top:
+            lines.append(f"  {'':<11} {what:<18} ... {len(ranges) - top} more ranges (--top, or the JSON)")
     return lines
 
 
@@ -260,7 +269,7 @@ def cli_main(args: argparse.Namespace) -> int:
     for (name, seq, _), tok, logits in zip(proteins, tokens, residue_logits):
         result = read_out(tok, logits, vocab, residue_names=residue_names, decoder=decoder, max_hamming=args.max_hamming,
                           merge_gap=args.merge_gap, min_length=args.min_length)
-        print("\n".join(_table(name, len(seq), tok, result)))
+        print("\n".join(_table(name, len(seq), tok, result, args.top)))
         summary["proteins"].append({"name": name, "length": len(seq), "sequence": seq,
                                     "function_tokens": tok.astype(int).tolist(), **result})
     if args.out:

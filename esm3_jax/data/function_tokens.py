@@ -397,10 +397,12 @@ def token_bits(tokens_LxD: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.nd
 
 def nearest_function_labels(
     vocab: FunctionVocab, tokens_LxD: np.ndarray, max_hamming: int = 10
-) -> list[tuple[int, str, int]]:
-    """(position, name, Hamming distance) for every residue whose tokens are LSH ids: the label(s)
-    or keyword(s) of `vocab` whose signature is nearest to the residue's 64 bits, all of those
-    tied at the minimum, when that minimum is <= `max_hamming`. Positions count from 0.
+) -> tuple[list[tuple[int, str, int]], np.ndarray]:
+    """([(position, name, Hamming distance)], (L,) nearest distance, -1 where not all LSH ids).
+
+    The list has, for every residue whose tokens are LSH ids, the label(s) or keyword(s) of
+    `vocab` whose signature is nearest to the residue's 64 bits, all of those tied at the
+    minimum, when that minimum is <= `max_hamming`. Positions count from 0.
 
     Random 64-bit signatures lie 32 +- 4 bits apart and the nearest of ~10^5 random ones ~14
     bits away, so a distance <= 10 is a real match (the residue's TF-IDF vector within ~30
@@ -408,6 +410,7 @@ def nearest_function_labels(
     sig = vocab_signatures(vocab)
     pos_bits, has_L = token_bits(tokens_LxD, vocab.bits)
     out: list[tuple[int, str, int]] = []
+    nearest_L = np.full(len(pos_bits), -1, np.int64)
     cand = sig.bits_CxS.astype(np.float32)
     for start in range(0, len(pos_bits), 256):
         p = pos_bits[start : start + 256].astype(np.float32)
@@ -416,11 +419,12 @@ def nearest_function_labels(
         best_P = dist_PxC.min(axis=1)
         for i, best in enumerate(best_P):
             pos = start + i
-            if not has_L[pos] or best > max_hamming:
+            if not has_L[pos]:
                 continue
-            for c in np.flatnonzero(dist_PxC[i] == best):
-                out.append((pos, sig.names[c], int(round(best))))
-    return out
+            nearest_L[pos] = int(round(best))
+            if best <= max_hamming:
+                out.extend((pos, sig.names[c], int(round(best))) for c in np.flatnonzero(dist_PxC[i] == best))
+    return out, nearest_L
 
 
 def label_top_keywords(vocab: FunctionVocab, name: str, k: int = 5) -> list[str]:
