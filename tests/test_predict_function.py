@@ -26,9 +26,9 @@ TEXTS = {
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, jax_cache):
     """A random tiny ESM3, a random tiny function decoder with its label lists, and a function
-    vocabulary built from TEXTS."""
+    vocabulary built from TEXTS. (Compiled programs go to the shared persistent cache.)"""
     from esm3_jax.compat.function_decoder_weights import INTERPRO_FILE, KEYWORDS_FILE
     from esm3_jax.compat.params_io import save_params
     from esm3_jax.config import to_dict
