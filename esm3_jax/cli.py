@@ -15,7 +15,7 @@ import sys
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "forward": ("esm3_jax.inference.forward", "batched forward pass of a checkpoint over an .npz of tokens"),
-    "generate": ("esm3_jax.inference.generate", "fill the masked positions of one track by iterative unmasking (ESM3 generation)"),
+    "generate": ("esm3_jax.data.design:GENERATE_VERB", "iterative unmasking (ESM3 generation): fill one track of an .npz batch, or design proteins from prompts"),
     "fold": ("esm3_jax.inference.tasks:FOLD_VERB", "sequences -> structure tokens -> PDBs with pLDDT, pTM (and RMSD/LDDT/TM against --native)"),
     "inverse-fold": ("esm3_jax.inference.tasks:INVERSE_FOLD_VERB", "a backbone's coordinates -> designed sequences (FASTA), with sequence recovery"),
     "predict-function": ("esm3_jax.data.function_prediction", "function keywords, residue annotations (and InterPro ids with a function decoder) over residue ranges"),
