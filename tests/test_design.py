@@ -5,7 +5,6 @@ seeding and batching, and bad input."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import flax.linen as nn
 import jax
