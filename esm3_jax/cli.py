@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         module = getattr(module, attribute)
     parser = argparse.ArgumentParser(prog=f"esm3-jax {verb}", description=VERBS[verb][1])
     module.add_cli_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    if getattr(module, "ACCEPTS_EXTRA_ARGS", False):  # options it passes on to another program
+        args, args.extra_args = parser.parse_known_args(argv[1:])
+    else:
+        args = parser.parse_args(argv[1:])
     try:
         return int(module.cli_main(args) or 0)
     except (ValueError, FileNotFoundError) as e:

@@ -41,7 +41,7 @@ import json
 import multiprocessing
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -147,46 +147,89 @@ def _write_shard(path: Path, payloads: Sequence[bytes]) -> None:
     os.replace(tmp, path)
 
 
-def process_shard(
-    out_dir: str, index: int, entries: Sequence[tuple[int, src.Entry]], settings: Settings, tok: Tokenizers
-) -> dict:
-    """Parse, tokenize and write one shard; return its progress line (counts, rejects, checksum)."""
-    payloads: list[bytes] = []
+class Kept(NamedTuple):
+    """One protein that became a record: its bytes and what the manifest counts of it."""
+
+    input_index: int
+    payload: bytes
+    n_residues: int
+    tracks: tuple[str, ...]
+
+
+class Rejected(NamedTuple):
+    input_index: int
+    reject: dict  # source, id, reason, detail (one line of rejects.jsonl)
+
+
+Outcome = Kept | Rejected
+
+
+def process_entry(input_index: int, entry: src.Entry, settings: Settings, tok: Tokenizers) -> list[Outcome]:
+    """Parse and tokenize one input entry: one outcome per protein it holds, in file order."""
+    return [outcome(input_index, entry.location, item, settings, tok) for item in src.parse_entry(entry, settings.parse)]
+
+
+def outcome(
+    input_index: int, location: str, item: src.RawProtein | src.SourceError, settings: Settings, tok: Tokenizers
+) -> Outcome:
+    """One parsed protein (or the error that stopped its parsing) -> its record bytes, or its reject line."""
+    try:
+        if isinstance(item, src.SourceError):
+            raise item
+        record = to_record(item, tok, settings.min_length, settings.max_unknown_fraction)
+    except src.SourceError as e:
+        rid = item.id if isinstance(item, src.RawProtein) else item.record_id
+        return Rejected(input_index, {"source": location, "id": rid, "reason": e.reason, "detail": e.detail})
+    return Kept(input_index, records.serialize(record), len(record), tuple(t for t in TRACKS if record.has(t)))
+
+
+def shard_row(index: int, n_entries: int, outcomes: Iterable[Outcome], sha256: str, extra: dict | None = None) -> dict:
+    """The progress line of a written shard (counts, rejects, checksum); `outcomes` in shard order."""
     rejects: list[dict] = []
     lengths: collections.Counter = collections.Counter()
     tracks: collections.Counter = collections.Counter()
     per_input = collections.defaultdict(lambda: [0, 0])  # input index -> [kept, rejected]
-    n_residues = 0
-    for input_index, entry in entries:
-        for item in src.parse_entry(entry, settings.parse):
-            try:
-                if isinstance(item, src.SourceError):
-                    raise item
-                record = to_record(item, tok, settings.min_length, settings.max_unknown_fraction)
-            except src.SourceError as e:
-                rid = item.id if isinstance(item, src.RawProtein) else item.record_id
-                rejects.append({"source": entry.location, "id": rid, "reason": e.reason, "detail": e.detail})
-                per_input[input_index][1] += 1
-                continue
-            payloads.append(records.serialize(record))
-            per_input[input_index][0] += 1
-            n_residues += len(record)
-            lengths[_length_bin(len(record))] += 1
-            tracks.update(t for t in TRACKS if record.has(t))
-    path = Path(out_dir) / shard_name(index)
-    _write_shard(path, payloads)
-    return {
+    n_records = n_residues = 0
+    for o in outcomes:
+        if isinstance(o, Rejected):
+            rejects.append(o.reject)
+            per_input[o.input_index][1] += 1
+            continue
+        n_records += 1
+        per_input[o.input_index][0] += 1
+        n_residues += o.n_residues
+        lengths[_length_bin(o.n_residues)] += 1
+        tracks.update(o.tracks)
+    row = {
         "shard": index,
-        "file": path.name,
-        "sha256": _sha256(path),
-        "n_entries": len(entries),
-        "n_records": len(payloads),
+        "file": shard_name(index),
+        "sha256": sha256,
+        "n_entries": n_entries,
+        "n_records": n_records,
         "n_residues": n_residues,
         "tracks": dict(tracks),
         "lengths": dict(lengths),
         "per_input": {str(k): v for k, v in sorted(per_input.items())},
         "rejects": rejects,
     }
+    if extra:
+        row.update(extra)
+    return row
+
+
+def write_shard_file(path: Path, outcomes: Sequence[Outcome]) -> str:
+    """Write the kept records of `outcomes` as the shard at `path`; returns its sha256."""
+    _write_shard(path, [o.payload for o in outcomes if isinstance(o, Kept)])
+    return _sha256(path)
+
+
+def process_shard(
+    out_dir: str, index: int, entries: Sequence[tuple[int, src.Entry]], settings: Settings, tok: Tokenizers
+) -> dict:
+    """Parse, tokenize and write one shard; return its progress line (counts, rejects, checksum)."""
+    outcomes = [o for input_index, entry in entries for o in process_entry(input_index, entry, settings, tok)]
+    sha256 = write_shard_file(Path(out_dir) / shard_name(index), outcomes)
+    return shard_row(index, len(entries), outcomes, sha256)
 
 
 # --- tokenizers, loaded once per worker (data/tokenize.py) --------------------------------------------------
@@ -375,25 +418,28 @@ def split_clustering(paths: Sequence[str]) -> dict | None:
     return {"split": folder.name, "split_json": str(info), **summary}
 
 
-def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> dict:
-    """manifest.json and rejects.jsonl from the per-shard lines, in shard order (deterministic)."""
-    rows = [results[i] for i in sorted(results)]
-    if [r["shard"] for r in rows] != list(range(len(rows))):
-        raise PreprocessError(f"{out}: shards {sorted(results)} are not contiguous; rerun to finish them")
+def check_contiguous(where: str, shards: Iterable[int]) -> None:
+    shards = sorted(shards)
+    if shards != list(range(len(shards))):
+        raise PreprocessError(f"{where}: shards {shards} are not contiguous; rerun to finish them")
+
+
+def summarize(settings: Settings, rows: Sequence[dict], write_line, clustering: dict | None) -> dict:
+    """The manifest of the per-shard progress lines `rows` (in shard order); each reject goes to
+    `write_line` as one line of rejects.jsonl, in the same order (deterministic)."""
     reasons: collections.Counter = collections.Counter()
     tracks: collections.Counter = collections.Counter()
     lengths: collections.Counter = collections.Counter()
     per_input = collections.defaultdict(lambda: [0, 0])
-    with open(out / REJECTS, "w") as f:
-        for r in rows:
-            for rej in r["rejects"]:
-                f.write(json.dumps(rej) + "\n")
-                reasons[rej["reason"]] += 1
-            tracks.update(r["tracks"])
-            lengths.update(r["lengths"])
-            for k, (kept, rejected) in r["per_input"].items():
-                per_input[int(k)][0] += kept
-                per_input[int(k)][1] += rejected
+    for r in rows:
+        for rej in r["rejects"]:
+            write_line(json.dumps(rej) + "\n")
+            reasons[rej["reason"]] += 1
+        tracks.update(r["tracks"])
+        lengths.update(r["lengths"])
+        for k, (kept, rejected) in r["per_input"].items():
+            per_input[int(k)][0] += kept
+            per_input[int(k)][1] += rejected
     n_records = sum(r["n_records"] for r in rows)
     n_residues = sum(r["n_residues"] for r in rows)
     bins = [_length_bin(e) for e in _HIST_EDGES[:-1]]  # in length order
@@ -414,11 +460,34 @@ def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> d
         "shards": [{"file": r["file"], "n_records": r["n_records"], "sha256": r["sha256"]} for r in rows],
         "settings": settings.to_json(),
     }
-    clustering = split_clustering([path for path, _ in settings.inputs])
+    joins = [r["join"] for r in rows if "join" in r]
+    if joins:  # a run that joined tracks by record id (the Beam path's --join)
+        unmatched: collections.Counter = collections.Counter()
+        for j in joins:
+            unmatched.update({int(k): v for k, v in j["unmatched"].items()})
+        manifest["join"] = {
+            "merged_records": sum(j["merged"] for j in joins),
+            "unmatched": [
+                {"path": path, "n_unmatched": unmatched.get(i, 0)} for i, (path, _) in enumerate(settings.inputs)
+            ],
+        }
     if clustering is not None:
         manifest["clustering"] = clustering
+    return manifest
+
+
+def manifest_text(manifest: dict) -> str:
+    return json.dumps(manifest, indent=1) + "\n"
+
+
+def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> dict:
+    """manifest.json and rejects.jsonl from the per-shard lines, in shard order (deterministic)."""
+    check_contiguous(str(out), results)
+    rows = [results[i] for i in sorted(results)]
+    with open(out / REJECTS, "w") as f:
+        manifest = summarize(settings, rows, f.write, split_clustering([path for path, _ in settings.inputs]))
     tmp = out / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.write_text(manifest_text(manifest))
     os.replace(tmp, out / MANIFEST)
     return manifest
 
@@ -473,12 +542,33 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="discard an earlier run in --out (otherwise it is resumed)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--runner", choices=("direct", "dataflow", "flink", "spark"),
+        help="run as an Apache Beam pipeline on this runner (pip install -e '.[beam]'); same outputs. Beam "
+        "pipeline options follow as --name=value (e.g. --project=P --region=R --temp_location=gs://B/tmp); "
+        "with direct, -j sets --direct_num_workers",
+    )  # fmt: skip
+    parser.add_argument(
+        "--join", action="store_true",
+        help="with --runner: merge the proteins of different inputs that share a record id into one record "
+        "(sequence from FASTA, structure from a file, annotations from jsonl/label files); unmatched ids are "
+        "kept as they are and counted in manifest.json",
+    )  # fmt: skip
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    inputs = [(str(p), src.input_kind(p)) for p in args.inputs]
+# cli.py hands arguments this verb does not know to cli_main as `args.extra_args` (Beam's pipeline
+# options pass through unparsed).
+ACCEPTS_EXTRA_ARGS = True
+
+
+def settings_from_args(
+    args: argparse.Namespace, kind_of=src.input_kind, exists=lambda p: Path(p).is_file()
+) -> Settings:
+    """The run's settings; `kind_of` and `exists` look at the inputs (local files here; the Beam
+    path passes its own, for object stores)."""
+    inputs = [(str(p), kind_of(str(p))) for p in args.inputs]
     for p in args.residue_labels:
-        if not Path(p).is_file():
+        if not exists(str(p)):
             raise FileNotFoundError(f"residue label file not found: {p}")
         inputs.append((str(p), "residue_labels"))
     parse = src.ParseOptions(
@@ -499,10 +589,28 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    extra = list(getattr(args, "extra_args", None) or [])
+    if args.runner is None and (extra or args.join):
+        what = f"unrecognized arguments: {' '.join(extra)}" if extra else "--join"
+        raise ValueError(f"{what} (Beam pipeline options and --join go with --runner)")
+    if args.runner is not None:
+        from esm3_jax.data import preprocess_beam  # the only module that imports apache_beam
+
+        settings = preprocess_beam.settings_from_args(args)
+    else:
+        settings = settings_from_args(args)
     if settings.structure_encoder:
         tokenize.load_structure_encoder(settings.structure_encoder)  # fail before any work, not in every worker
-    manifest = run(settings, args.out, workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
+    if args.runner is not None:
+        if args.runner == "direct" and not any(a.startswith("--direct_num_workers") for a in extra):
+            extra += [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
+        manifest = preprocess_beam.run(
+            settings, args.out, runner=args.runner, beam_args=extra, join=args.join, overwrite=args.overwrite
+        )
+    else:
+        manifest = run(
+            settings, args.out, workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite
+        )
     reasons = f" ({_reason_summary(manifest)})" if manifest["n_rejected"] else ""
     print(
         f"{manifest['n_records']} records ({manifest['n_tokens']} tokens) in {len(manifest['shards'])} shards; "

@@ -119,6 +119,12 @@ def input_kind(path: str | Path) -> str:
         return "structure_dir"
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
+    return file_kind(p)
+
+
+def file_kind(path: str | Path) -> str:
+    """The kind of an input file by its extension (fasta, jsonl or structure)."""
+    p = Path(path)
     suffix = _bare_suffix(p)
     if suffix in FASTA_SUFFIXES:
         return "fasta"
@@ -136,10 +142,10 @@ def input_kind(path: str | Path) -> str:
 # --- enumeration ------------------------------------------------------------------------------------
 
 
-def _header_blocks(path: str | Path) -> Iterator[tuple[int, str | None, list[str]]]:
+def _header_blocks(path: str | Path, open_fn=open_text) -> Iterator[tuple[int, str | None, list[str]]]:
     """(line number, header, non-empty body lines) per `>` block; text before the first
     header is a block too, with header None (the caller rejects it)."""
-    with open_text(path) as f:
+    with open_fn(path) as f:
         header, start, lines = None, 1, []
         for n, line in enumerate(f, 1):
             line = line.strip()
@@ -153,22 +159,26 @@ def _header_blocks(path: str | Path) -> Iterator[tuple[int, str | None, list[str
             yield start, header, lines
 
 
-def iter_fasta(path: str | Path) -> Iterator[Entry]:
+# `open_fn` opens a text file by name: open_text here, Beam's filesystems (object stores) in
+# preprocess_beam.py. Locations name the path as given, whichever opened it.
+
+
+def iter_fasta(path: str | Path, open_fn=open_text) -> Iterator[Entry]:
     """One entry per `>` record; text before the first header becomes an (unparsable) entry too."""
-    for start, header, lines in _header_blocks(path):
+    for start, header, lines in _header_blocks(path, open_fn):
         yield Entry("fasta", f"{path}:{start}", (header, "".join(lines)))
 
 
-def iter_jsonl(path: str | Path) -> Iterator[Entry]:
-    with open_text(path) as f:
+def iter_jsonl(path: str | Path, open_fn=open_text) -> Iterator[Entry]:
+    with open_fn(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 yield Entry("jsonl", f"{path}:{n}", line)
 
 
-def iter_residue_labels(path: str | Path) -> Iterator[Entry]:
+def iter_residue_labels(path: str | Path, open_fn=open_text) -> Iterator[Entry]:
     """ScanNet-style per-residue labels: `>name`, then `chain resnum aa label` lines."""
-    for start, header, lines in _header_blocks(path):
+    for start, header, lines in _header_blocks(path, open_fn):
         yield Entry("residue_labels", f"{path}:{start}", (header, tuple(lines)))
 
 
@@ -178,15 +188,15 @@ def structure_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and _bare_suffix(p) in STRUCTURE_SUFFIXES)
 
 
-def iter_entries(path: str | Path, kind: str | None = None) -> Iterator[Entry]:
+def iter_entries(path: str | Path, kind: str | None = None, open_fn=open_text) -> Iterator[Entry]:
     """Entries of one input, in a fixed order. `kind` overrides detection ("residue_labels")."""
     kind = kind or input_kind(path)
     if kind == "fasta":
-        yield from iter_fasta(path)
+        yield from iter_fasta(path, open_fn)
     elif kind == "jsonl":
-        yield from iter_jsonl(path)
+        yield from iter_jsonl(path, open_fn)
     elif kind == "residue_labels":
-        yield from iter_residue_labels(path)
+        yield from iter_residue_labels(path, open_fn)
     elif kind == "structure":
         yield Entry("structure", str(path), str(path))
     elif kind == "structure_dir":
@@ -361,38 +371,46 @@ def _scope_domains_cached(path: str) -> dict:
 
 
 def _parse_structure_file(entry: Entry, options: ParseOptions) -> list[RawProtein | SourceError]:
-    """Every protein chain of the file's first model: coordinates, SS8 (mkdssp), SASA, pLDDT."""
+    """Every protein chain of the file's first model: coordinates, SS8 (mkdssp), SASA, pLDDT.
+
+    The file read is `entry.data`; ids and sources name `entry.location` (the same path, unless the
+    file was copied from an object store to a local temporary file)."""
     from esm3_jax.structure import features, io as sio
 
-    path = str(entry.data)
+    path, name = str(entry.data), entry.location
+
+    def named(text: str) -> str:
+        return text.replace(path, name) if path != name else text
+
     try:
         # Per-chain results (a chain or the StructureError that rules it out), so that every bad chain
         # is listed in rejects.jsonl by name. structure.io keeps this private for now; iter_chains
         # only counts skipped chains.
         items = list(sio.read_chains(path))
     except StructureError as e:
-        return [SourceError(_STRUCTURE_REASONS.get(e.reason, e.reason), str(e))]
+        return [SourceError(_STRUCTURE_REASONS.get(e.reason, e.reason), named(str(e)))]
     looks_predicted, pdb_id = _file_header(path)
     predicted = options.plddt == "bfactor" or (options.plddt == "auto" and looks_predicted)
     domains = _scope_domains_cached(options.scope_domains_path) if options.scope_domains_path else {}
-    stem = Path(path).name.split(".")[0]
+    stem = name.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
     out: list[RawProtein | SourceError] = []
     for chain in items:
         if isinstance(chain, StructureError):
             rid = f"{stem}_{chain.chain}" if chain.chain is not None else None
-            out.append(SourceError(_STRUCTURE_REASONS.get(chain.reason, chain.reason), str(chain), rid))
+            out.append(SourceError(_STRUCTURE_REASONS.get(chain.reason, chain.reason), named(str(chain)), rid))
             continue
         try:
             # SS8 from DSSP on the chain alone, like the SASA: a record is one chain. A missing mkdssp
             # (DsspNotFoundError) is not caught: it is the run's problem, not this chain's.
             ss8, sasa_L = features.dssp_ss8(chain), features.sasa(chain)
         except (features.DsspError, subprocess.TimeoutExpired, ValueError) as e:
-            out.append(SourceError("structure features failed", f"{chain.name}: {e}", f"{stem}_{chain.chain_id}"))
+            detail = named(f"{chain.name}: {e}")
+            out.append(SourceError("structure features failed", detail, f"{stem}_{chain.chain_id}"))
             continue
         out.append(
             RawProtein(
                 id=f"{stem}_{chain.chain_id}",
-                source=f"{path}:{chain.chain_id}",
+                source=f"{name}:{chain.chain_id}",
                 sequence=chain.sequence,
                 ss8=ss8,
                 sasa=sasa_L,
