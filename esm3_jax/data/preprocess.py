@@ -16,7 +16,8 @@ The output folder holds:
                                   unparsable, empty, too short, unknown letters,
                                   too many unknown residues, length mismatch,
                                   no backbone, no protein chains, bad coordinates, bad function label,
-                                  structure features failed
+                                  structure features failed, truncated (a compressed input that
+                                  ends early: the part it held up to there is kept)
     progress.jsonl                the run's settings, then one line per finished shard (for resume)
 
 Why shards are cut by *input entry* rather than by kept record: a shard's content then depends only
@@ -272,10 +273,13 @@ def count_entries(settings: Settings) -> int:
             n += 1
         else:
             with src.open_text(path) as f:
-                if kind == "jsonl":
-                    n += sum(1 for line in f if line.strip())
-                else:
-                    n += sum(1 for line in f if line.startswith(">"))
+                lines = iter(f)
+                while True:  # line by line, so that a truncated .gz still counts what it holds
+                    try:
+                        line = next(lines)
+                    except (StopIteration, *src.STREAM_ERRORS):
+                        break
+                    n += bool(line.strip()) if kind == "jsonl" else line.startswith(">")
     return n
 
 
@@ -461,12 +465,12 @@ def summarize(settings: Settings, rows: Sequence[dict], write_line, clustering: 
         "settings": settings.to_json(),
     }
     joins = [r["join"] for r in rows if "join" in r]
-    if joins:  # a run that joined tracks by record id (the Beam path's --join)
+    if joins:  # a run that joined tracks by record id (the Beam path's --join): ids found in several inputs, and per input the proteins whose id no other input had
         unmatched: collections.Counter = collections.Counter()
         for j in joins:
             unmatched.update({int(k): v for k, v in j["unmatched"].items()})
         manifest["join"] = {
-            "merged_records": sum(j["merged"] for j in joins),
+            "matched_ids": sum(j["matched"] for j in joins),
             "unmatched": [
                 {"path": path, "n_unmatched": unmatched.get(i, 0)} for i, (path, _) in enumerate(settings.inputs)
             ],

@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import gzip
 import hashlib
 import io
 import json
 import os
 import shutil
 import tempfile
+import typing
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -74,8 +76,10 @@ def open_text(path: str) -> io.TextIOBase:
         return src.open_text(path)
     if not FileSystems.exists(path):
         raise FileNotFoundError(f"input not found: {path}")
-    raw = FileSystems.open(path, compression_type=CompressionTypes.AUTO)
-    return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8", errors="replace")
+    raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    if path.endswith(".gz"):  # Python's gzip, as locally: a cut file fails loudly rather than ending early
+        raw = gzip.GzipFile(fileobj=raw, mode="rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
 
 
 def _read_bytes(path: str) -> bytes:
@@ -275,6 +279,7 @@ def merge_proteins(parts: Sequence[src.RawProtein]) -> src.RawProtein:
     return dataclasses.replace(first, source=" + ".join(p.source for p in parts), **fields)
 
 
+@beam.typehints.with_output_types(typing.Any)  # its tagged outputs confuse Beam's type inference
 class ParseEntries(beam.DoFn):
     """--join, step 1: each parsed protein keyed by its record id; parse errors and the entry's
     marker go straight to the entry's shard.
@@ -380,7 +385,7 @@ class WriteShard(beam.DoFn):
             unmatched = collections.Counter(i for it in items for i in it[4])
             extra = {
                 "join": {
-                    "merged": sum(1 for it in items if it[3]),
+                    "matched": sum(1 for it in items if it[3]),
                     "unmatched": {str(k): v for k, v in sorted(unmatched.items())},
                 }
             }

@@ -35,6 +35,7 @@ import json
 import re
 import string
 import subprocess
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -62,7 +63,7 @@ class SourceError(ValueError):
 class Entry:
     """One unit of an input, enumerated cheaply; `location` is "path:line" or the file path."""
 
-    kind: str  # "fasta" | "jsonl" | "residue_labels" | "structure"
+    kind: str  # "fasta" | "jsonl" | "residue_labels" | "structure" | "truncated" (the rest of a cut file)
     location: str
     data: object  # fasta: (header, sequence); jsonl: the line; residue_labels: (header, lines); structure: path
 
@@ -142,21 +143,49 @@ def file_kind(path: str | Path) -> str:
 # --- enumeration ------------------------------------------------------------------------------------
 
 
-def _header_blocks(path: str | Path, open_fn=open_text) -> Iterator[tuple[int, str | None, list[str]]]:
-    """(line number, header, non-empty body lines) per `>` block; text before the first
-    header is a block too, with header None (the caller rejects it)."""
+# A compressed input that ends early or is corrupt (a cut download) fails while being read.
+STREAM_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+class _Truncated(Exception):
+    def __init__(self, last_line: int, error: Exception):
+        super().__init__(f"the compressed file ends early or is corrupt after line {last_line} ({error}); what follows is lost")
+        self.last_line = last_line
+
+
+def _numbered_lines(f) -> Iterator[tuple[int, str]]:
+    n = 0
+    try:
+        for n, line in enumerate(f, 1):
+            yield n, line
+    except STREAM_ERRORS as e:
+        raise _Truncated(n, e) from None
+
+
+def _header_blocks(path: str | Path, open_fn=open_text) -> Iterator[tuple[int, str | None, list[str], str | None]]:
+    """(line number, header, non-empty body lines, None) per `>` block; text before the first
+    header is a block too, with header None (the caller rejects it). A block cut short by a broken
+    compressed stream comes last, with the reason in place of None (the caller rejects it too)."""
     with open_fn(path) as f:
         header, start, lines = None, 1, []
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if line.startswith(">"):
-                if header is not None or lines:
-                    yield start, header, lines
-                header, start, lines = line[1:].strip(), n, []
-            elif line:
-                lines.append(line)
+        try:
+            for n, line in _numbered_lines(f):
+                line = line.strip()
+                if line.startswith(">"):
+                    if header is not None or lines:
+                        yield start, header, lines, None
+                    header, start, lines = line[1:].strip(), n, []
+                elif line:
+                    lines.append(line)
+        except _Truncated as e:
+            yield (start if header is not None or lines else e.last_line + 1), header, lines, str(e)
+            return
         if header is not None or lines:
-            yield start, header, lines
+            yield start, header, lines, None
+
+
+def _truncated_entry(location: str, detail: str, record_id: str | None) -> Entry:
+    return Entry("truncated", location, (detail, record_id))
 
 
 # `open_fn` opens a text file by name: open_text here, Beam's filesystems (object stores) in
@@ -165,21 +194,30 @@ def _header_blocks(path: str | Path, open_fn=open_text) -> Iterator[tuple[int, s
 
 def iter_fasta(path: str | Path, open_fn=open_text) -> Iterator[Entry]:
     """One entry per `>` record; text before the first header becomes an (unparsable) entry too."""
-    for start, header, lines in _header_blocks(path, open_fn):
-        yield Entry("fasta", f"{path}:{start}", (header, "".join(lines)))
+    for start, header, lines, broken in _header_blocks(path, open_fn):
+        if broken:
+            yield _truncated_entry(f"{path}:{start}", broken, header.split()[0] if header else None)
+        else:
+            yield Entry("fasta", f"{path}:{start}", (header, "".join(lines)))
 
 
 def iter_jsonl(path: str | Path, open_fn=open_text) -> Iterator[Entry]:
     with open_fn(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield Entry("jsonl", f"{path}:{n}", line)
+        try:
+            for n, line in _numbered_lines(f):
+                if line.strip():
+                    yield Entry("jsonl", f"{path}:{n}", line)
+        except _Truncated as e:
+            yield _truncated_entry(f"{path}:{e.last_line + 1}", str(e), None)
 
 
 def iter_residue_labels(path: str | Path, open_fn=open_text) -> Iterator[Entry]:
     """ScanNet-style per-residue labels: `>name`, then `chain resnum aa label` lines."""
-    for start, header, lines in _header_blocks(path, open_fn):
-        yield Entry("residue_labels", f"{path}:{start}", (header, tuple(lines)))
+    for start, header, lines, broken in _header_blocks(path, open_fn):
+        if broken:
+            yield _truncated_entry(f"{path}:{start}", broken, header)
+        else:
+            yield Entry("residue_labels", f"{path}:{start}", (header, tuple(lines)))
 
 
 def structure_files(folder: str | Path) -> list[Path]:
@@ -226,6 +264,9 @@ def parse_entry(entry: Entry, options: ParseOptions) -> list[RawProtein | Source
             return [_parse_residue_labels(entry, options)]
         if entry.kind == "structure":
             return _parse_structure_file(entry, options)
+        if entry.kind == "truncated":
+            detail, record_id = entry.data
+            return [SourceError("truncated", detail, record_id)]
     except SourceError as e:
         return [e]
     raise ValueError(f"{entry.location}: unknown entry kind {entry.kind!r}")
