@@ -66,11 +66,10 @@ def mixed(tmp_path_factory) -> list[str]:
     return [str(jsonl), str(folder), str(fasta), "--residue-labels", str(labels), "--records-per-shard", "5"]
 
 
-def test_beam_on_several_processes_writes_the_local_bytes(tmp_path, mixed, capsys):
+def test_beam_on_several_workers_writes_the_local_bytes(tmp_path, mixed, capsys):
     assert cli.main(["preprocess", *mixed, "-o", str(tmp_path / "local"), "-j", "1", "--no-progress"]) == 0
     local_summary = capsys.readouterr().out.splitlines()[-1]
-    # Two worker processes (-j 2 with the direct runner: multi_processing).
-    assert cli.main(["preprocess", *mixed, "-o", str(tmp_path / "beam"), "-j", "2", "--runner", "direct"]) == 0
+    assert cli.main(["preprocess", *mixed, "-o", str(tmp_path / "beam"), "--runner", "direct", *THREADS]) == 0
     beam_summary = capsys.readouterr().out.splitlines()[-1]
     assert beam_summary.replace("/beam", "/local") == local_summary
     local, beam = _outputs(tmp_path / "local"), _outputs(tmp_path / "beam")
@@ -278,6 +277,111 @@ def test_beam_options_need_a_runner(tmp_path, capsys):
     fasta.write_text(">a\nMKTAYIAKQR\n")
     assert cli.main(["preprocess", str(fasta), "-o", str(tmp_path / "o"), "--direct_num_workers=2"]) == 2
     assert "--direct_num_workers=2 (Beam pipeline options and --join go with --runner)" in capsys.readouterr().err
-    args = ["preprocess", str(fasta), "-o", str(tmp_path / "o"), "--runner", "direct", *THREADS]
-    assert cli.main(args) == 0
-    assert "1 records (12 tokens) in 1 shards; 0 rejected" in capsys.readouterr().out
+    # Two worker processes (-j 2 with the direct runner: multi_processing), two shards.
+    common = ["preprocess", str(fasta), str(fasta), "--records-per-shard", "1"]
+    assert cli.main(common + ["-o", str(tmp_path / "beam"), "--runner", "direct", "-j", "2"]) == 0
+    assert "2 records (24 tokens) in 2 shards; 0 rejected" in capsys.readouterr().out
+    assert cli.main(common + ["-o", str(tmp_path / "local"), "-j", "1", "--no-progress"]) == 0
+    assert _outputs(tmp_path / "beam") == _outputs(tmp_path / "local")
+
+
+# --- inputs and outputs on an object store ------------------------------------------------------------------------
+
+
+def _object_store(root: Path):
+    """A Beam filesystem `esm3test://` kept in a local folder, without folders of its own (as gs:// or
+    s3:// have none): what the pipeline does for object stores, in-process and offline."""
+    from apache_beam.io.filesystem import FileMetadata
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    prefix = "esm3test://"
+
+    class ObjectStore(LocalFileSystem):
+        @classmethod
+        def scheme(cls):
+            return "esm3test"
+
+        def _local(self, path):
+            return str(root / path[len(prefix) :])
+
+        def _remote(self, path):
+            return prefix + str(Path(path).relative_to(root))
+
+        def join(self, base, *paths):
+            return "/".join([base.rstrip("/"), *(p.strip("/") for p in paths)])
+
+        def split(self, path):
+            head, _, tail = path.rstrip("/").rpartition("/")
+            return head, tail
+
+        def has_dirs(self):
+            return False
+
+        def mkdirs(self, path):
+            pass
+
+        def _list(self, dir_or_prefix):
+            for f in sorted(root.rglob("*")):
+                if f.is_file() and self._remote(str(f)).startswith(dir_or_prefix):
+                    yield self.metadata(self._remote(str(f)))
+
+        def metadata(self, path):
+            stat = Path(self._local(path)).stat()
+            return FileMetadata(path, stat.st_size, stat.st_mtime)
+
+        def create(self, path, *args, **kwargs):
+            Path(self._local(path)).parent.mkdir(parents=True, exist_ok=True)
+            return super().create(self._local(path), *args, **kwargs)
+
+        def open(self, path, *args, **kwargs):
+            return super().open(self._local(path), *args, **kwargs)
+
+        def rename(self, sources, destinations):
+            for a, b in zip(sources, destinations):
+                Path(self._local(a)).replace(self._local(b))
+
+        def exists(self, path):
+            return Path(self._local(path)).is_file()
+
+        def delete(self, paths):
+            for p in paths:
+                Path(self._local(p)).unlink()
+
+    return ObjectStore, prefix
+
+
+def test_inputs_and_outputs_on_an_object_store(tmp_path, mixed):
+    store, prefix = _object_store(tmp_path / "store")
+    folder = tmp_path / "store" / "in"
+    folder.mkdir(parents=True)
+    jsonl, structures, fasta, _, labels, *_ = mixed
+    (folder / "structures").mkdir()
+    for f in DEMO_STRUCTURES:
+        shutil.copy(Path(structures) / f, folder / "structures" / f)
+    shutil.copy(jsonl, folder / "chains.jsonl")
+    (folder / "query.fasta.gz").write_bytes(gzip.compress(Path(fasta).read_bytes()))
+    local = pp.Settings(
+        inputs=(
+            (str(folder / "structures"), "structure_dir"),
+            (str(folder / "chains.jsonl"), "jsonl"),
+            (str(folder / "query.fasta.gz"), "fasta"),
+        ),
+        records_per_shard=5,
+    )
+    remote = pp.Settings(inputs=tuple((prefix + "in/" + Path(p).name, k) for p, k in local.inputs), records_per_shard=5)
+    args = [p for p, _ in remote.inputs] + ["-o", prefix + "out", "--records-per-shard", "5", "--runner", "direct"]
+    assert [pb.input_kind(p) for p, _ in remote.inputs] == ["structure_dir", "jsonl", "fasta"]
+    assert cli.main(["preprocess", *args, *THREADS]) == 0
+    pp.run(local, tmp_path / "local", progress=False)
+
+    got, want = records.RecordReader(tmp_path / "store" / "out"), records.RecordReader(tmp_path / "local")
+    assert len(got) == len(want) > 20
+    for a, b in zip(got, want):
+        assert a.source.replace(prefix, str(tmp_path / "store") + "/") == b.source
+        assert a == records.ProteinRecord(**{**b.__dict__, "source": a.source})
+    manifest = json.loads((tmp_path / "store" / "out" / pp.MANIFEST).read_text())
+    assert [s["n_records"] for s in manifest["sources"]] == [
+        s["n_records"] for s in json.loads((tmp_path / "local" / pp.MANIFEST).read_text())["sources"]
+    ]
+    hidden = [p for p in (tmp_path / "store" / "out").rglob("*") if p.is_file() and p.name.startswith(".")]
+    assert not hidden  # no partial shard, no progress lines left beside progress.jsonl

@@ -445,11 +445,7 @@ def _earlier_rows(out: str, header: dict, overwrite: bool) -> list[dict]:
         raise pp.PreprocessError(
             f"{out} holds a run with different inputs or settings; use a new output folder or --overwrite"
         )
-    texts = lines[1:]
-    progress_dir = _join(out, PROGRESS_DIR)
-    if _exists(progress_dir):
-        for m in FileSystems.match([_join(progress_dir, "*.json")])[0].metadata_list:
-            texts.append(_read_bytes(m.path).decode())
+    texts = lines[1:] + [_read_bytes(path).decode() for path in _progress_files(out)]
     rows = {}
     for text in texts:
         try:
@@ -460,12 +456,20 @@ def _earlier_rows(out: str, header: dict, overwrite: bool) -> list[dict]:
     return [rows[i] for i in sorted(rows)]
 
 
+def _matching(pattern: str) -> list[str]:
+    """Paths matching a glob (none when its folder is absent; object stores have no folders)."""
+    if is_local(pattern) and not os.path.isdir(os.path.dirname(pattern)):
+        return []
+    return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+
+
+def _progress_files(out: str) -> list[str]:
+    return _matching(_join(out, PROGRESS_DIR, "*.json"))
+
+
 def _clear(out: str) -> None:
     """An output folder's shards and progress lines, before a run that starts afresh."""
-    stale = [m.path for m in FileSystems.match([_join(out, f"{pp.SHARD_PREFIX}-*{pp.records.SHARD_SUFFIX}")])[0].metadata_list]
-    progress_dir = _join(out, PROGRESS_DIR)
-    if _exists(progress_dir):
-        stale += [m.path for m in FileSystems.match([_join(progress_dir, "*.json")])[0].metadata_list]
+    stale = _matching(_join(out, f"{pp.SHARD_PREFIX}-*{pp.records.SHARD_SUFFIX}")) + _progress_files(out)
     if stale:
         FileSystems.delete(stale)
 
@@ -553,13 +557,11 @@ def run(
     with beam.Pipeline(options=options) as p:
         build_pipeline(p, settings, out, join=join, overwrite=overwrite)
     manifest = json.loads(_read_bytes(_join(out, pp.MANIFEST)))
-    progress_dir = _join(out, PROGRESS_DIR)
-    if _exists(progress_dir):  # its lines are in progress.jsonl now
-        found = FileSystems.match([_join(progress_dir, "*")])[0].metadata_list
-        if found:
-            FileSystems.delete([m.path for m in found])
-        if is_local(progress_dir):
-            os.rmdir(progress_dir)
+    finished = _progress_files(out)  # their lines are in progress.jsonl now
+    if finished:
+        FileSystems.delete(finished)
+    if is_local(out) and os.path.isdir(_join(out, PROGRESS_DIR)):
+        os.rmdir(_join(out, PROGRESS_DIR))
     if manifest["n_records"] == 0:
         raise pp.PreprocessError(
             f"every one of {manifest['n_rejected']} proteins was rejected ({pp._reason_summary(manifest)}); "
