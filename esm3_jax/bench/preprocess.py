@@ -2,7 +2,9 @@
 (`-j N` processes) and the Beam path (the DirectRunner with N worker processes), in one run.
 
 Each timed run writes a fresh output folder. Rounds alternate local, Beam, local, Beam, so that a
-loaded machine slows both alike. Beam's fixed cost (building and starting the pipeline, starting the
+loaded machine slows both alike. Besides wall time, each run's CPU time (this process and every
+worker process and mkdssp it waited for) per entry: on a shared machine that, not the wall time,
+says what a dedicated vCPU would do, and prices a cluster run. Beam's fixed cost (building and starting the pipeline, starting the
 workers) is measured on a one-protein input and reported apart: it does not grow with the data,
 and a large run on a cluster pays it once.
 """
@@ -10,6 +12,7 @@ and a large run on a cluster pays it once.
 from __future__ import annotations
 
 import itertools
+import resource
 import shutil
 import statistics
 import tempfile
@@ -69,6 +72,7 @@ def bench_preprocess(
         if preprocess_beam is not None:
             paths["beam"] = lambda s, out: preprocess_beam.run(s, str(out), beam_args=beam_args)
         seconds: dict = {(p, k): [] for p in paths for k in inputs}
+        cpu: dict = {(p, k): [] for p in paths for k in inputs}
         manifests: dict = {}
         runs = itertools.count()
         for _ in range(repeats):
@@ -76,9 +80,10 @@ def bench_preprocess(
                 for path, run in paths.items():
                     settings, _ = inputs[kind]
                     out = work / f"out{next(runs)}"
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), _cpu_seconds()
                     manifest = run(settings, out)
                     seconds[(path, kind)].append(time.perf_counter() - start)
+                    cpu[(path, kind)].append(_cpu_seconds() - cpu_start)
                     shutil.rmtree(out)
                     if manifests.setdefault(kind, manifest)["shards"] != manifest["shards"]:
                         raise AssertionError(f"{kind}: the {path} path wrote other shards than the first run")
@@ -87,19 +92,25 @@ def bench_preprocess(
 
     print(f"preprocess, {workers} workers per path, median of {repeats} alternating rounds (wall clock)")
     print(f"{'path':6s} {'input':12s} {'entries':>8s} {'records':>8s} {'s':>8s} {'entries/s':>10s} "
-          f"{'per worker':>10s} {'excl. fixed':>11s}")  # fmt: skip
+          f"{'per worker':>10s} {'excl. fixed':>11s} {'CPU s':>8s} {'CPU s/entry':>11s}")  # fmt: skip
     result = {}
     for path in paths:
         fixed = statistics.median(seconds[(path, "one protein")])
         for kind, (_, n_entries) in inputs.items():
-            t = statistics.median(seconds[(path, kind)])
+            t, c = statistics.median(seconds[(path, kind)]), statistics.median(cpu[(path, kind)])
             rate = n_entries / t
             # Entries/s per worker once the fixed cost is paid (what a long run approaches).
             steady = n_entries / (t - fixed) / workers if kind != "one protein" and t > fixed else float("nan")
-            result[(path, kind)] = {"seconds": t, "entries_per_s": rate, "per_worker_steady": steady}
+            result[(path, kind)] = {"seconds": t, "entries_per_s": rate, "per_worker_steady": steady, "cpu_s": c}
             print(f"{path:6s} {kind:12s} {n_entries:8d} {manifests[kind]['n_records']:8d} {t:8.2f} {rate:10.2f} "
-                  f"{rate / workers:10.2f} {steady:11.2f}")  # fmt: skip
-    print("entries: structure files or sequences; 'excl. fixed': per worker, after subtracting that path's "
-          "one-protein time (pipeline start-up)")  # fmt: skip
+                  f"{rate / workers:10.2f} {steady:11.2f} {c:8.2f} {c / n_entries:11.4f}")  # fmt: skip
+    print("entries: structure files or sequences; 'excl. fixed': entries/s per worker after subtracting that "
+          "path's one-protein time (start-up); CPU s: this process and its finished children")  # fmt: skip
     return result
 
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of every child process it has waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
