@@ -52,6 +52,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     pre.add_argument("--n-sequences", type=int, default=3000, help="the first N sequences")
     pre.add_argument("-j", "--workers", type=int, default=2, help="worker processes, each path")
     pre.add_argument("--repeats", type=int, default=2, help="alternating rounds (median reported)")
+    pre.add_argument("--beam-mode", default="multi_processing", choices=("multi_processing", "multi_threading"),
+                     help="the DirectRunner's workers: processes, or threads of this process")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -81,5 +83,5 @@ def cli_main(args: argparse.Namespace) -> int:
         from esm3_jax.bench.preprocess import bench_preprocess
 
         bench_preprocess(args.structures, args.sequences, workers=args.workers, n_structures=args.n_structures,
-                         n_sequences=args.n_sequences, repeats=args.repeats)
+                         n_sequences=args.n_sequences, repeats=args.repeats, beam_mode=args.beam_mode)
     return 0

@@ -55,7 +55,7 @@ def _inputs(work: Path, structures: str, sequences: str, n_structures: int, n_se
 
 def bench_preprocess(
     structures: str, sequences: str, *, workers: int = 2, n_structures: int = 100, n_sequences: int = 5000,
-    repeats: int = 2,
+    repeats: int = 2, beam_mode: str = "multi_processing",
 ) -> dict:
     try:
         from esm3_jax.data import preprocess_beam
@@ -64,7 +64,7 @@ def bench_preprocess(
             raise
         preprocess_beam = None
         print("apache_beam is not installed (pip install -e '.[beam]'): the local path only")
-    beam_args = [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+    beam_args = [f"--direct_num_workers={workers}", f"--direct_running_mode={beam_mode}"]
     work = Path(tempfile.mkdtemp(prefix="esm3-jax-bench-preprocess-"))
     try:
         inputs = _inputs(work, structures, sequences, n_structures, n_sequences)
@@ -90,7 +90,8 @@ def bench_preprocess(
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"preprocess, {workers} workers per path, median of {repeats} alternating rounds (wall clock)")
+    print(f"preprocess, {workers} workers per path (Beam: DirectRunner, {beam_mode}), median of {repeats} "
+          "alternating rounds")  # fmt: skip
     print(f"{'path':6s} {'input':12s} {'entries':>8s} {'records':>8s} {'s':>8s} {'entries/s':>10s} "
           f"{'per worker':>10s} {'excl. fixed':>11s} {'CPU s':>8s} {'CPU s/entry':>11s}")  # fmt: skip
     result = {}
