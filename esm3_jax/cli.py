@@ -20,7 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "inverse-fold": ("esm3_jax.inference.tasks:INVERSE_FOLD_VERB", "a backbone's coordinates -> designed sequences (FASTA), with sequence recovery"),
     "predict-function": ("esm3_jax.data.function_prediction", "function keywords, residue annotations (and InterPro ids with a function decoder) over residue ranges"),
     "convert": ("esm3_jax.compat.convert", "PyTorch state dict (official release format) <-> esm3-jax checkpoint"),
-    "preprocess": ("esm3_jax.data.preprocess", "FASTA / jsonl / PDB+mmCIF folders / label files -> ArrayRecord shards"),
+    "preprocess": ("esm3_jax.data.preprocess_cli", "FASTA / jsonl / PDB+mmCIF folders / label files -> ArrayRecord shards"),
     "split": ("esm3_jax.data.split", "FASTA / jsonl -> train/valid/test inputs by MMseqs2 sequence clusters (no near-duplicates across splits)"),
     "build-function-vocab": ("esm3_jax.data.function_vocab", "function keyword vocabulary, IDF and LSH hyperplanes from text"),
     "train": ("esm3_jax.train.loop", "pretrain (or resume) ESM3 as a config says: sharded, checkpointed, logged"),

@@ -564,7 +564,7 @@ def run(
         os.rmdir(_join(out, PROGRESS_DIR))
     if manifest["n_records"] == 0:
         raise pp.PreprocessError(
-            f"every one of {manifest['n_rejected']} proteins was rejected ({pp._reason_summary(manifest)}); "
+            f"every one of {manifest['n_rejected']} proteins was rejected ({pp.reason_summary(manifest)}); "
             f"see {_join(out, pp.REJECTS)}"
         )
     return manifest
