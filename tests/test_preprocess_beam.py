@@ -66,7 +66,8 @@ def mixed(tmp_path_factory) -> list[str]:
     return [str(jsonl), str(folder), str(fasta), "--residue-labels", str(labels), "--records-per-shard", "5"]
 
 
-def test_beam_on_several_workers_writes_the_local_bytes(tmp_path, mixed, capsys):
+def test_beam_on_several_workers_writes_the_local_bytes(tmp_path, mixed, capsys, monkeypatch):
+    monkeypatch.setattr(pb, "_FILES_PER_TASK", 3)  # the structure folder's listing read in two chunks
     assert cli.main(["preprocess", *mixed, "-o", str(tmp_path / "local"), "-j", "1", "--no-progress"]) == 0
     local_summary = capsys.readouterr().out.splitlines()[-1]
     assert cli.main(["preprocess", *mixed, "-o", str(tmp_path / "beam"), "--runner", "direct", *THREADS]) == 0
@@ -133,8 +134,9 @@ def bad_corpus(tmp_path) -> tuple[pp.Settings, dict[str, str]]:
     return settings, expected
 
 
-def test_bad_inputs_same_rejects_and_no_good_record_lost(tmp_path, bad_corpus):
+def test_bad_inputs_same_rejects_and_no_good_record_lost(tmp_path, bad_corpus, monkeypatch):
     settings, expected = bad_corpus
+    monkeypatch.setattr(pb, "_FILES_PER_TASK", 2)
     local = pp.run(settings, tmp_path / "local", progress=False)
     beam = pb.run(settings, str(tmp_path / "beam"), beam_args=THREADS)
     assert beam == local

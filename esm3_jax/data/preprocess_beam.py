@@ -9,7 +9,7 @@ per-shard work is preprocess.py's own code (`process_entry`, `write_shard_file`,
 
 The pipeline:
 
-    read tasks (one per text input; structure files listed by the driver, in chunks)
+    read tasks (one per text input; a chunk of 1000 files of a structure folder, listed by the driver)
       -> entries (input, index within the input, Entry)       one worker per text file, streaming
       -> global entry index = entries of earlier inputs + index (a side input of per-input counts)
       -> drop entries of shards an earlier run finished (verified by sha256, in the pipeline)
@@ -50,8 +50,9 @@ from esm3_jax.data import sources as src
 
 RUNNERS = {"direct": "DirectRunner", "dataflow": "DataflowRunner", "flink": "FlinkRunner", "spark": "SparkRunner"}
 PROGRESS_DIR = ".progress"  # one progress line per finished shard, written by the worker that wrote it
-# Structure files per read task: the driver lists a folder once; the pipeline receives the listing in
-# chunks so that enumeration spreads over workers too.
+# The driver lists each structure folder once, into LISTING_DIR in the output folder (a listing of
+# millions of paths is too large to travel inside the job's graph); a read task is a chunk of it.
+LISTING_DIR = ".listing"
 _FILES_PER_TASK = 1000
 
 
@@ -151,29 +152,39 @@ def input_fingerprint(settings: pp.Settings, listings: dict[int, list[tuple[str,
 @dataclasses.dataclass(frozen=True)
 class ReadTask:
     input_index: int
-    kind: str  # an input kind; "structure_files" for a chunk of a listed folder
-    path: str  # the input (text inputs)
-    first: int = 0  # structure_files: index of files[0] within its input
-    files: tuple[str, ...] = ()
+    kind: str  # an input kind; "structure_files" for a chunk of a folder's listing
+    path: str  # the input; structure_files: the listing file
+    first: int = 0  # structure_files: the chunk's first file, as an index within its input ...
+    offset: int = 0  # ... and as a byte offset in the listing
+    count: int = 0  # structure_files: files in the chunk
 
 
-def read_tasks(settings: pp.Settings, listings: dict[int, list[tuple[str, int]]]) -> list[ReadTask]:
+def read_tasks(settings: pp.Settings, listings: dict[int, list[tuple[str, int]]], out: str) -> list[ReadTask]:
+    """One task per text input; structure folders are written to listing files and cut in chunks."""
     tasks = []
     for i, (path, kind) in enumerate(settings.inputs):
-        if kind == "structure_dir":
-            files = [p for p, _ in listings[i]]
-            for start in range(0, len(files), _FILES_PER_TASK):
-                tasks.append(ReadTask(i, "structure_files", path, start, tuple(files[start : start + _FILES_PER_TASK])))
-        else:
+        if kind != "structure_dir":
             tasks.append(ReadTask(i, kind, path))
+            continue
+        lines = [f"{p}\n".encode() for p, _ in listings[i]]
+        listing = _join(out, LISTING_DIR, f"input-{i:04d}.txt")
+        _write_bytes(listing, b"".join(lines))
+        offset = 0
+        for start in range(0, len(lines), _FILES_PER_TASK):
+            chunk = lines[start : start + _FILES_PER_TASK]
+            tasks.append(ReadTask(i, "structure_files", listing, start, offset, len(chunk)))
+            offset += sum(len(line) for line in chunk)
     return tasks
 
 
 def enumerate_task(task: ReadTask) -> Iterator[tuple[int, int, src.Entry]]:
     """(input index, entry index within the input, entry), streaming the input."""
     if task.kind == "structure_files":
-        for k, p in enumerate(task.files):
-            yield task.input_index, task.first + k, src.Entry("structure", p, p)
+        with FileSystems.open(task.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.seek(task.offset)
+            for k in range(task.count):
+                p = f.readline().decode().rstrip("\n")
+                yield task.input_index, task.first + k, src.Entry("structure", p, p)
         return
     for k, entry in enumerate(src.iter_entries(task.path, task.kind, open_fn=open_text)):
         yield task.input_index, k, entry
@@ -493,6 +504,7 @@ def build_pipeline(
         earlier = []
     if is_local(out):
         os.makedirs(_join(out, PROGRESS_DIR), exist_ok=True)
+        os.makedirs(_join(out, LISTING_DIR), exist_ok=True)
     # The header now; the finished shards' lines are added when the run completes (and meanwhile
     # live in .progress/, one file per shard, written by the worker that finished it).
     _write_bytes(_join(out, pp.PROGRESS), "".join(json.dumps(x) + "\n" for x in [header, *earlier]).encode())
@@ -502,10 +514,10 @@ def build_pipeline(
     rps = settings.records_per_shard
 
     done_rows = p | "EarlierShards" >> beam.Create(earlier) | "VerifyEarlier" >> beam.FlatMap(verify_done, out)
-    done = beam.pvalue.AsList(done_rows | "DoneIndex" >> beam.Map(lambda r: r["shard"]))
+    done = beam.pvalue.AsDict(done_rows | "DoneIndex" >> beam.Map(lambda r: (r["shard"], True)))
     entries = (
         p
-        | "ReadTasks" >> beam.Create(read_tasks(settings, listings))
+        | "ReadTasks" >> beam.Create(read_tasks(settings, listings, out))
         | "SpreadTasks" >> beam.Reshuffle()
         | "Enumerate" >> beam.FlatMap(enumerate_task)
     )
@@ -519,7 +531,7 @@ def build_pipeline(
     def global_index(e, offsets, done):
         input_index, k, entry = e
         index = offsets[input_index] + k
-        if index // rps not in set(done):
+        if index // rps not in done:
             yield index, input_index, entry
 
     todo = entries | "GlobalIndex" >> beam.FlatMap(global_index, offsets, done) | "Spread" >> beam.Reshuffle()
@@ -557,11 +569,13 @@ def run(
     with beam.Pipeline(options=options) as p:
         build_pipeline(p, settings, out, join=join, overwrite=overwrite)
     manifest = json.loads(_read_bytes(_join(out, pp.MANIFEST)))
-    finished = _progress_files(out)  # their lines are in progress.jsonl now
+    finished = _progress_files(out) + _matching(_join(out, LISTING_DIR, "*.txt"))  # done with
+    # (the progress lines are in progress.jsonl now)
     if finished:
         FileSystems.delete(finished)
-    if is_local(out) and os.path.isdir(_join(out, PROGRESS_DIR)):
-        os.rmdir(_join(out, PROGRESS_DIR))
+    for folder in (PROGRESS_DIR, LISTING_DIR):
+        if is_local(out) and os.path.isdir(_join(out, folder)):
+            os.rmdir(_join(out, folder))
     if manifest["n_records"] == 0:
         raise pp.PreprocessError(
             f"every one of {manifest['n_rejected']} proteins was rejected ({pp.reason_summary(manifest)}); "
