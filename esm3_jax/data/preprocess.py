@@ -28,6 +28,10 @@ everything before it. (A structure file is one entry; all its chains go to its s
 Resume: each shard is written to a hidden temporary name and renamed when complete; its sha256 is
 then appended to progress.jsonl. A rerun with the same settings skips every shard whose file is
 present with that checksum and redoes the rest.
+
+The same run as an Apache Beam pipeline (`--runner`, for clusters) is preprocess_beam.py; it calls
+this module's per-entry (`process_entry`/`outcome`), per-shard (`write_shard_file`, `shard_row`) and
+summary (`summarize`) code, so both paths write the same bytes. The verb is preprocess_cli.py.
 """
 
 from __future__ import annotations
