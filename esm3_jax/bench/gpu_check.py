@@ -10,8 +10,9 @@ writing OUTDIR/STAGE.json, so that one that fails or runs out of time leaves the
               batch the largest that the compiled step's memory analysis says fits; its MFU
               against the matmul rate measured by the first stage and against the datasheet peak
   reference   the forward pass and batch generation of the 1.4B config against the reference `esm`
-              ESM3 on the same GPU (the reference in bf16 autocast, as it runs there), same
-              weights and inputs; torch's own bf16 matmul rate beside them
+              ESM3 on the same GPU (the reference in bf16 autocast, as its own ESM3.logits runs
+              it there; fp32 in a dry run on the CPU, where it does not support bf16 autocast),
+              same weights and inputs; torch's own bf16 matmul rate beside them
 
 --dry-run runs the same code on the CPU with tiny shapes (a tiny config, short rows, small
 matmuls, plain XLA attention), so that the path is known to work before a GPU ever sees it.
@@ -165,8 +166,12 @@ def _forward_vs_reference(cfg, ref_model, params, batch: int, length: int, repea
     tin = {k: v.to(device) for k, v in to_torch_inputs(inputs).items()}
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
+    # bf16 autocast on a GPU, as the reference's own ESM3.logits runs there; on the CPU (a dry
+    # run) the reference does not support it and runs in fp32, as its logits() does there too.
+    on_gpu = torch.device(device).type == "cuda"
+
     def run_ref():
-        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
             out = ref_model(**tin)
         sync()
         return out
@@ -214,7 +219,8 @@ def stage_reference(shapes: dict, out: Path) -> dict:
     ref_model = ref_model.to(device)
     build_s = time.perf_counter() - t0
     result = dict(config=shapes["config"], torch=torch.__version__, torch_device=device, build_s=build_s,
-                  reference_dtype="bfloat16 autocast", jax_dtype=str(jax.numpy.dtype(cfg.dtype)))
+                  reference_dtype="bfloat16 autocast" if device == "cuda" else "float32",
+                  jax_dtype=str(jax.numpy.dtype(cfg.dtype)))
     n = shapes["matmul_n"]
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -243,7 +249,7 @@ def stage_reference(shapes: dict, out: Path) -> dict:
     del params
     with_fallback("generate", lambda attention: bench_generate(
         shapes["config"], shapes["gen_lengths"], shapes["gen_steps"], "sequence", "deterministic", shapes["repeats"],
-        reference=(ref_model, state), device=device, autocast_bf16=True,
+        reference=(ref_model, state), device=device, autocast_bf16=device == "cuda",
         overrides=(*overrides, f"model.attention={attention}")))
     if "forward" not in result or "generate" not in result:
         raise RuntimeError(f"the reference comparison failed: {result.get('errors')}")
