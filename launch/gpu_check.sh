@@ -55,7 +55,7 @@ export DISABLE_ITERATIVE_SAMPLING_TQDM=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
 if [ -n "$DRY" ]; then
   export JAX_PLATFORMS=cpu
-  T_MATMUL=120 T_TRAIN=300 T_REF=300  # a loaded 2-core CI machine compiles slowly
+  T_MATMUL=${T_MATMUL:-300} T_TRAIN=${T_TRAIN:-600} T_REF=${T_REF:-600}  # a loaded 2-core CI machine compiles slowly
 else
   T_MATMUL=${T_MATMUL:-45} T_TRAIN=${T_TRAIN:-210} T_REF=${T_REF:-210}  # 465 s in all
 fi
