@@ -19,7 +19,7 @@ def test_gpu_check_dry_run(tmp_path):
     pytest.importorskip("esm.models.esm3", reason="reference `esm` package not installed")
     env = dict(os.environ, PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), str(tmp_path), "--dry-run"],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=1800)
     logs = {p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")}
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:], logs)
     stages = {s: json.loads((tmp_path / f"{s}.json").read_text()) for s in ("matmul", "train-step", "reference")}

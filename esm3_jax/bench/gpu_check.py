@@ -278,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # recorded, so that the slot's other stages and this error both come back
         record.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     record["seconds"] = time.perf_counter() - t0
+    import resource  # CPU seconds too: on a shared machine the wall time says little about the cost
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     (out / f"{args.stage}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "traceback"}, indent=2, default=str))
     return 0 if record["ok"] else 1
