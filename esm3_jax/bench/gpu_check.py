@@ -34,7 +34,7 @@ STAGES = ("matmul", "train-step", "reference")
 
 # The shapes of a real check and of a dry run. One dict each, so that a dry run differs only here.
 REAL = dict(matmul_n=8192, config="esm3_open_1.4b", overrides=("model.attention=cudnn", "model.remat=full"),
-            length=2048, batches=(32, 16, 8, 4, 2, 1), steps=5, forward_batch=8, forward_length=1024,
+            length=2048, batches=(16, 8, 4, 2, 1), steps=5, forward_batch=8, forward_length=1024,
             gen_lengths=(64, 91, 119, 146, 174, 201, 229, 256), gen_steps=16, repeats=3, memory_headroom=0.9)
 DRY = dict(matmul_n=256, config="tiny", overrides=("model.attention=xla", "model.remat=full",
                                                    "model.compute_dtype=bfloat16"),
