@@ -43,8 +43,9 @@ def test_decay_flags_follow_the_jax_mask_by_name():
 
     model, state = build_reference_esm3(64, 4, 8, 2)
     cfg = load_config(resolve_config_path("tiny"))
-    params = torch_to_esm3_params(state, infer_esm3_config(state, 4))
-    flags = torch_peer.decay_flags(params, cfg)
+    model_cfg = infer_esm3_config(state, 4)
+    params = torch_to_esm3_params(state, model_cfg)
+    flags = torch_peer.decay_flags(params, cfg.train.no_decay_patterns, model_cfg)
     assert {n for n, _ in model.named_parameters()} <= set(flags)  # every parameter the optimizer sees
     assert flags["transformer.blocks.0.attn.layernorm_qkv.1.weight"]  # a projection: decayed
     assert not flags["encoder.sequence_embed.weight"]  # embeddings, norms and biases are not

@@ -83,7 +83,7 @@ def masked_lm_loss_torch(model, batch: Mapping, weights: Mapping[str, float]):
     return torch_weighted_loss(torch_track_sums(outputs, batch), torch_loss_counts(batch), weights)
 
 
-def decay_flags(params, cfg) -> dict[str, bool]:
+def decay_flags(params, no_decay_patterns: tuple[str, ...], model_cfg) -> dict[str, bool]:
     """Per reference parameter name: does AdamW decay it, by the config's no_decay_patterns as the
     JAX optimizer applies them. The JAX mask is mapped to torch names through the weight
     conversion itself (esm3_params_to_torch), so the two sides cannot disagree on a name."""
@@ -92,10 +92,10 @@ def decay_flags(params, cfg) -> dict[str, bool]:
     from esm3_jax.compat.esm3_weights import esm3_params_to_torch
     from esm3_jax.train.optim import weight_decay_mask
 
-    mask = weight_decay_mask(params, cfg.train.no_decay_patterns)
+    mask = weight_decay_mask(params, no_decay_patterns)
     as_float = jax.tree.map(lambda p, m: np.full(p.shape, float(m), np.float32), params, mask)
     flags = {}
-    for name, a in esm3_params_to_torch(as_float, cfg.model).items():
+    for name, a in esm3_params_to_torch(as_float, model_cfg).items():
         if np.any(a != a.flat[0]):
             raise ValueError(f"{name}: its elements come from JAX leaves with different weight-decay flags")
         flags[name] = bool(a.flat[0])

@@ -186,7 +186,7 @@ def bench_train_step_against_torch(config: str, batch: int, length: int, steps: 
     (state, m), jax_compile_s = torch_peer.timed(lambda: jax_step(state, x))
     jax_loss = float(m["loss"])
     jax_after = esm3_params_to_torch(jax.tree.map(np.asarray, state.params), conv_cfg)
-    decay = torch_peer.decay_flags(params, cfg)
+    decay = torch_peer.decay_flags(params, cfg.train.no_decay_patterns, conv_cfg)
     tbatch = torch_peer.torch_batch(host)
     lr0 = float(torch_peer_lr(cfg, 0))
     # Each mode trains its own copy, taken before any step: every first step starts from the same weights.
