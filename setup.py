@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["esm3_jax", "esm3_jax.*"]),
     include_package_data=True,
     install_requires=[
-        "jax>=0.7,<0.11",
+        "jax>=0.7,<0.12",  # 0.11: the JAX found on current GPU images (launch/gpu_check.sh)
         "flax>=0.11,<0.13",
         "optax>=0.2.4,<0.3",
         "orbax-checkpoint>=0.11,<0.13",

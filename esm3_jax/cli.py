@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         from esm3_jax.runtime.allocator import reexec_under_tcmalloc
 
         reexec_under_tcmalloc()
+    # Before any verb module imports JAX (and JAX loads libtpu, when installed).
+    from esm3_jax.runtime.tpu_env import quiet_libtpu_without_tpu
+
+    quiet_libtpu_without_tpu()
     module_name, _, attribute = VERBS[verb][0].partition(":")
     module = importlib.import_module(module_name)
     if attribute:

@@ -26,6 +26,10 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--against", nargs="+", metavar="KEY=VALUE",
                    help="also time a step with these overrides, alternating with the first in one process")
+    t.add_argument("--against-torch", action="store_true",
+                   help="time the PyTorch alternative alongside: the reference ESM3, same weights, batch, loss and AdamW")
+    t.add_argument("--torch-modes", nargs="+", default=["eager", "compile"], choices=("eager", "compile"),
+                   help="with --against-torch: torch eager mode and/or torch.compile (default both)")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. model.remat=full")
     v = sub.add_parser("vqvae", help="VQ-VAE encoding and decoding vs the reference (residues/s, ratios)")
     v.add_argument("--chains", type=int, default=8)
@@ -62,8 +66,14 @@ def cli_main(args: argparse.Namespace) -> int:
 
         bench_forward(args.config, args.batch, args.length, args.repeats, not args.no_reference)
     elif args.what == "train-step":
-        from esm3_jax.bench.train_step import bench_train_step
+        from esm3_jax.bench.train_step import bench_train_step, bench_train_step_against_torch
 
+        if args.against_torch:
+            if args.against:
+                raise ValueError("--against-torch and --against cannot be combined")
+            bench_train_step_against_torch(args.config, args.batch, args.length, args.steps, tuple(args.overrides),
+                                           tuple(args.torch_modes))
+            return 0
         bench_train_step(args.config, args.batch, args.length, args.steps, tuple(args.overrides),
                          against=tuple(args.against) if args.against else None)
     elif args.what == "vqvae":

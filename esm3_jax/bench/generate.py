@@ -102,8 +102,14 @@ def _counting_our_steps(record: dict, block: bool = False):
 
 
 def bench_generate(config: str = "small", lengths=DEFAULT_LENGTHS, num_steps: int = 16, track: str = "sequence",
-                   sampling: str = "deterministic", repeats: int = 2, seed: int = 0) -> dict:
-    """esm3-jax `generate` vs the reference `batch_generate`; returns the numbers it prints."""
+                   sampling: str = "deterministic", repeats: int = 2, seed: int = 0, reference=None,
+                   device: str = "cpu", autocast_bf16: bool = False, overrides: tuple[str, ...] = ()) -> dict:
+    """esm3-jax `generate` vs the reference `batch_generate`; returns the numbers it prints.
+
+    reference: a (model, state dict) pair from `build_reference_esm3` at this config, to reuse one
+    already built; device, autocast_bf16: where the reference runs, and whether in bf16 autocast
+    (as it runs on a GPU; launch/gpu_check.sh); overrides: model config overrides (model.KEY=VALUE).
+    """
     import torch
     from esm.sdk.api import GenerationConfig
 
@@ -117,7 +123,7 @@ def bench_generate(config: str = "small", lengths=DEFAULT_LENGTHS, num_steps: in
         raise ValueError(f"track must be one of {BENCH_TRACKS}, got '{track}'")
     strategy, temperature, annealing = SAMPLINGS[sampling]
     os.environ["DISABLE_ITERATIVE_SAMPLING_TQDM"] = "1"
-    cfg = load_config(resolve_config_path(config)).model
+    cfg = load_config(resolve_config_path(config), list(overrides)).model
     lengths = [int(n) for n in lengths]
     B, Lmax = len(lengths), max(lengths)
     dtype = jnp.dtype(cfg.dtype).name
@@ -130,13 +136,15 @@ def bench_generate(config: str = "small", lengths=DEFAULT_LENGTHS, num_steps: in
           f"temperature {temperature}, annealing {annealing}); other tracks given: "
           f"{', '.join(k for k in inputs if k != spec.key)}; {dtype}, {jax.devices()[0].platform}")
 
-    ref_model, state = build_reference_esm3(cfg.d_model, cfg.n_heads, cfg.v_heads, cfg.n_layers)
+    ref_model, state = reference or build_reference_esm3(cfg.d_model, cfg.n_heads, cfg.v_heads, cfg.n_layers)
+    ref_model = ref_model.to(device)
     attach_generation_tokenizers(ref_model)
     # Same weights on both sides: the reference's random init, converted.
     # (in the config's layer layout: `small` keeps its blocks unscanned)
     params = jax.device_put(torch_to_esm3_params(state, infer_esm3_config(
         state, cfg.n_heads, compute_dtype=cfg.compute_dtype, scan_layers=cfg.scan_layers)))
-    ref_tensors = _reference_tensors(proteins)
+    ref_tensors = [t.to(device) for t in _reference_tensors(proteins)]
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if autocast_bf16 else contextlib.nullcontext
 
     def run_ours():
         return generate(cfg, params, inputs, track, num_steps, strategy=strategy, temperature=temperature,
@@ -145,9 +153,12 @@ def bench_generate(config: str = "small", lengths=DEFAULT_LENGTHS, num_steps: in
     ref_record: dict = {}
     original_logits = ref_model.logits
 
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
     def counted_logits(*a, **kw):  # the reference's one forward pass per step (_batch_forward)
         t0 = time.perf_counter()
         out = original_logits(*a, **kw)
+        sync()
         ref_record["passes"] = ref_record.get("passes", 0) + 1
         ref_record["seconds"] = ref_record.get("seconds", 0.0) + time.perf_counter() - t0
         return out
@@ -159,9 +170,9 @@ def bench_generate(config: str = "small", lengths=DEFAULT_LENGTHS, num_steps: in
         configs = [GenerationConfig(track=track, num_steps=num_steps, schedule="cosine", strategy=strategy,
                                     temperature=temperature, temperature_annealing=annealing,
                                     condition_on_coordinates_only=False) for _ in proteins]
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             out = ref_model.batch_generate([t for t in ref_tensors], configs)
-        return [getattr(o, track).numpy() for o in out]
+        return [getattr(o, track).cpu().numpy() for o in out]  # .cpu() waits for the device
 
     def timed(fn):
         t0 = time.perf_counter()
@@ -219,7 +230,8 @@ def bench_generate(config: str = "small", lengths=DEFAULT_LENGTHS, num_steps: in
           f"{flops / best / 1e9:.1f} GFLOP/s, MFU {100 * flops / best / peak:.1f}%)")
     print(f"reference: {B / best_ref:7.3f} proteins/s  ({best_ref:.2f} s/batch; first call {t_ref_first:.1f} s; "
           f"{ref_passes} forward passes over {B} x {Lmax}, {ref_flops / best_ref / 1e9:.1f} GFLOP/s, "
-          f"MFU {100 * ref_flops / best_ref / peak:.1f}%; torch {torch.__version__}, {torch.get_num_threads()} threads)")
+          f"MFU {100 * ref_flops / best_ref / peak:.1f}%; torch {torch.__version__}, "
+          f"{'bf16 autocast on ' + device if autocast_bf16 else device + ', ' + str(torch.get_num_threads()) + ' threads'})")
     print(f"speedup esm3-jax / reference: {best_ref / best:.2f}x (best of {repeats} alternating rounds each)")
     ref_host = best_ref - ref_forward_s
     print(f"where the time goes: reference {ref_forward_s / ref_passes * 1e3:.0f} ms per forward pass x {ref_passes} = "

@@ -21,7 +21,6 @@ from esm3_jax.model.config import model_config_from_dict
 from esm3_jax.model.config import ModelConfig
 from esm3_jax.batch import INPUT_KEYS, TRACK_KEYS
 from esm3_jax.model.esm3 import ESM3
-from esm3_jax.compat.params_io import load_params
 
 
 class InputError(ValueError):
@@ -94,6 +93,10 @@ def validate_inputs(inputs: dict[str, Any], source: str = "inputs") -> dict[str,
 
 
 def load_esm3(checkpoint: str | Path, compute_dtype: str | None = None) -> tuple[ModelConfig, Any]:
+    # Imported here: a forward pass on parameters already in memory (bench, launch/gpu_check.sh)
+    # then needs no Orbax/TensorStore.
+    from esm3_jax.compat.params_io import load_params
+
     kind, config, params = load_params(checkpoint)
     if kind != "esm3":
         raise ValueError(f"{checkpoint}: holds a '{kind}' model, not esm3")

@@ -14,7 +14,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from esm3_jax.compat import params_io
 from esm3_jax.config import ConfigError, to_dict
 from esm3_jax.model.config import ModelConfig, model_config_from_dict
 
@@ -75,6 +74,10 @@ def convert_layer_layout(params: dict, saved: ModelConfig, cfg: ModelConfig) -> 
 def check_init_from(path: str, cfg: ModelConfig) -> tuple[ModelConfig, dict]:
     """(the checkpoint's ModelConfig, where its params are) after checking, from metadata alone,
     that `path` holds ESM3 weights `cfg` can start from: cheap enough to run before any compile."""
+    # Imported here, not above: train/setup.py imports this module, and a train step that starts
+    # from scratch (bench, launch/gpu_check.sh) then needs no Orbax/TensorStore.
+    from esm3_jax.compat import params_io
+
     try:
         kind, saved, where = params_io.params_source(path)
     except (FileNotFoundError, params_io.CheckpointError) as e:
@@ -87,6 +90,8 @@ def check_init_from(path: str, cfg: ModelConfig) -> tuple[ModelConfig, dict]:
 def load_initial_params(path: str, cfg: ModelConfig, target: Any) -> Any:
     """The parameters at `path` (a params checkpoint or a training run), in `target`'s shapes and
     shardings (a tree of ShapeDtypeStructs carrying NamedShardings)."""
+    from esm3_jax.compat import params_io
+
     saved_cfg, where = check_init_from(path, cfg)
     if saved_cfg.scan_layers == cfg.scan_layers:
         # Each process reads its own shards straight into place: no host ever holds the whole model.
