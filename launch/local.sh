@@ -144,9 +144,11 @@ print(f"""
 where everything went:
   {split}/             train/valid/test inputs by MMseqs2 clusters (split.json, clusters.tsv)
   {vqvae}/             the demo's structure tokenizer: encoder/, decoder/, eval.json (held-out decoding RMSD),
-                          metrics.csv. It is a small VQ-VAE trained on ~20 chains for a few minutes, not the
-                          released ESM3 decoder: folds decoded by it are rough (for real folding, convert the
-                          released weights: README, "The structure tokenizer").
+                          metrics.csv. It is a small stage-1 VQ-VAE trained on ~20 chains for a few minutes,
+                          not the released ESM3 decoder: folds decoded by it are rough, and its pLDDT and pTM
+                          heads are untrained (stage 2 trains them), so the pLDDT and pTM that fold prints
+                          mean nothing here. For real folding, convert the released weights (README, "The
+                          structure tokenizer").
   {records}/           ArrayRecord shards: train, train_structures, valid, test (manifest.json, rejects.jsonl)
   {run}/           checkpoints/, tensorboard/, metrics (esm3-jax checkpoint-info {run})
   {demo}/eval_test.json   the held-out evaluation tables
