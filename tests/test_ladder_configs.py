@@ -17,10 +17,9 @@ from esm3_jax.train.loop import check_run_config
 from tests.paths import CONFIGS
 
 # config -> (slice, sequences per chip in one microbatch that `aot` compiled and found to fit,
-# the paper's training tokens, ESM3_SPEC 2.3). One 2048-token sequence per chip fitted with room
-# to spare for every size (BENCHMARKS.md: 7.3 GiB 1.4B and 35.3 GiB 7B on v5p-8, 70.7 GiB 98B on
-# v5p-64, of 95.7 GiB); under pure FSDP a larger slice only shrinks each chip's share of the
-# parameters and optimizer state, so one per chip fits the larger slices named here too.
+# the paper's training tokens, ESM3_SPEC 2.3). Each shipped config was compiled for its slice with
+# no overrides: 2.75 GiB (1.4B, v5p-128), 6.44 GiB (7B, v5p-512), 32.20 GiB (98B, v5p-256) per chip
+# of 95.7 GiB; before accumulation the 98B needed 235 GiB of temporaries per chip.
 VERIFIED = {
     "esm3_1.4b": ("v5p-128", 1, 75e9),
     "esm3_7b": ("v5p-512", 1, 560e9),
