@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Pretrain on a Cloud TPU pod slice: the same command runs on every host of the slice.
 #
-#   TPU=my-v5p-256 ZONE=us-east5-a CONFIG=configs/esm3_7b.yaml \
+#   TPU=my-v5p-512 ZONE=us-east5-a CONFIG=configs/esm3_7b.yaml \
 #     launch/tpu_pod.sh train.output_dir=gs://my-bucket/esm3-7b data.datasets='[{path: gs://my-bucket/records}]'
 #
 # Before a big run, check that it fits without a TPU (on any machine with `pip install libtpu`):
-#   JAX_PLATFORMS=cpu esm3-jax aot --config configs/esm3_7b.yaml --topology v5p-256
+#   JAX_PLATFORMS=cpu esm3-jax aot --config configs/esm3_7b.yaml    # the slice it names: mesh.topology
 #
 # How it works:
 # - `gcloud ... ssh --worker=all` starts one process per TPU VM host. Each process calls

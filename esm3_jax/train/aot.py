@@ -400,14 +400,18 @@ def format_report(r: dict[str, Any]) -> str:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (model, data, train, mesh)")
-    parser.add_argument("--topology", required=True, help=f"TPU slice, one of: {', '.join(TOPOLOGIES)}")
+    parser.add_argument("--topology", default="",
+                        help=f"TPU slice, one of: {', '.join(TOPOLOGIES)} (default: the config's mesh.topology)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.topology not in TOPOLOGIES:
-        raise AotError(f"unknown topology {args.topology!r}; known: {', '.join(TOPOLOGIES)}")
+    topology = args.topology or cfg.mesh.topology
+    if not topology:
+        raise AotError(f"{args.config}: no mesh.topology in the config; name the slice with --topology")
+    if topology not in TOPOLOGIES:
+        raise AotError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)
-    print(format_report(run_aot(cfg, args.topology, progress=progress)))
+    print(format_report(run_aot(cfg, topology, progress=progress)))
     return 0

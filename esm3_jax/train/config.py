@@ -198,6 +198,9 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # The TPU slice a config is sized for (e.g. "v5p-256"): what `esm3-jax aot` compiles for when
+    # no --topology is given. It does not change a run; "" names none.
+    topology: str = ""
     rules: LogicalRules = dataclasses.field(default_factory=LogicalRules)
 
     def shape(self, n_devices: int) -> tuple[int, int, int]:
