@@ -24,8 +24,11 @@ class LossWeights:
     direction_bins: float = 1.0
     inverse_folding: float = 1.0
     commitment: float = 1.0  # on top of the codebook's own 0.25
-    # Backbone FAPE: not in the paper, chiral. Experimental: it made mirrored folds more common in
-    # the small run (BENCHMARKS.md), a sign of a frame-convention mismatch not yet checked.
+    # Backbone FAPE: not in the paper, chiral. The frame convention is consistent (tests/
+    # test_vqvae_conventions.py); what decides a fold's handedness is which loss dominates early:
+    # the unclamped distance loss (Å^2, achiral) outweighs FAPE (Å / 10) a hundredfold, so a
+    # share of chains settles into the mirror image. FAPE only fixes that at a weight that
+    # dominates and without its clamp (train.fape_clamp); BENCHMARKS.md, issue 20.
     fape: float = 0.0
     plddt: float = 0.0  # stage 2
     pae: float = 0.0  # stage 2

@@ -150,6 +150,8 @@ def backbone_fape_loss(pred_rot, pred_trans, pred_BxLx3x3, true_BxLx3x3, mask_Bx
     Not one of the paper's stage-1 losses (an addition, off by default). Distances are blind to
     a mirror image and the direction loss pins chirality only weakly, so a decoder trained on
     them folds a share of chains as their mirror image; frames are proper rotations, so FAPE is not.
+    Clamped, it has no gradient for pairs off by more than `clamp`: early in training that is
+    every non-local pair, so the global fold's handedness is left to the other losses.
     """
     true = _zero_missing(true_BxLx3x3, mask_BxL)
     true_rot, true_trans = _frames_from_backbone(true)
