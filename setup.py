@@ -42,6 +42,9 @@ setup(
         ],
         # Ahead-of-time compilation for TPU topologies from any machine (`esm3-jax aot`).
         "tpu-aot": ["libtpu"],
+        # `esm3-jax preprocess --runner direct|dataflow|flink|spark`: preprocessing on Apache Beam.
+        # For gs:// paths and the Dataflow runner install apache-beam[gcp] instead.
+        "beam": ["apache-beam>=2.60,<3"],
         "wandb": ["wandb"],
         "plot": ["matplotlib"],  # esm3-jax plot-metrics
     },

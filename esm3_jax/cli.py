@@ -15,11 +15,12 @@ import sys
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "forward": ("esm3_jax.inference.forward", "batched forward pass of a checkpoint over an .npz of tokens"),
-    "generate": ("esm3_jax.inference.generate", "fill the masked positions of one track by iterative unmasking (ESM3 generation)"),
+    "generate": ("esm3_jax.data.design:GENERATE_VERB", "iterative unmasking (ESM3 generation): fill one track of an .npz batch, or design proteins from prompts"),
     "fold": ("esm3_jax.inference.tasks:FOLD_VERB", "sequences -> structure tokens -> PDBs with pLDDT, pTM (and RMSD/LDDT/TM against --native)"),
     "inverse-fold": ("esm3_jax.inference.tasks:INVERSE_FOLD_VERB", "a backbone's coordinates -> designed sequences (FASTA), with sequence recovery"),
+    "predict-function": ("esm3_jax.data.function_prediction", "function keywords, residue annotations (and InterPro ids with a function decoder) over residue ranges"),
     "convert": ("esm3_jax.compat.convert", "PyTorch state dict (official release format) <-> esm3-jax checkpoint"),
-    "preprocess": ("esm3_jax.data.preprocess", "FASTA / jsonl / PDB+mmCIF folders / label files -> ArrayRecord shards"),
+    "preprocess": ("esm3_jax.data.preprocess_cli", "FASTA / jsonl / PDB+mmCIF folders / label files -> ArrayRecord shards"),
     "split": ("esm3_jax.data.split", "FASTA / jsonl -> train/valid/test inputs by MMseqs2 sequence clusters (no near-duplicates across splits)"),
     "build-function-vocab": ("esm3_jax.data.function_vocab", "function keyword vocabulary, IDF and LSH hyperplanes from text"),
     "train": ("esm3_jax.train.loop", "pretrain (or resume) ESM3 as a config says: sharded, checkpointed, logged"),
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         module = getattr(module, attribute)
     parser = argparse.ArgumentParser(prog=f"esm3-jax {verb}", description=VERBS[verb][1])
     module.add_cli_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    if getattr(module, "ACCEPTS_EXTRA_ARGS", False):  # options it passes on to another program
+        args, args.extra_args = parser.parse_known_args(argv[1:])
+    else:
+        args = parser.parse_args(argv[1:])
     try:
         return int(module.cli_main(args) or 0)
     except (ValueError, FileNotFoundError) as e:

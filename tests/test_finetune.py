@@ -246,10 +246,29 @@ def _worker(one_device_run: str, out: str) -> None:
     ckpt = Checkpointer(cfg.train.checkpoint_dir, async_save=False)
     ckpt.save(1, state.as_dict(), None, to_dict(cfg))
     ckpt.close()
+    # 1 device -> 8 for the verbs that read parameters: forward and generate on the 1-device run,
+    # here with 8 devices visible; the parent reruns both on one device and compares.
+    from esm3_jax.cli import main as cli
+
+    inputs = _portability_inputs()
+    np.savez(Path(out) / "in.npz", **inputs)
+    for verb, extra in (("forward", []), ("generate", ["--track", "sequence", "--num-steps", "3", "--temperature", "1"])):
+        assert cli([verb, "--checkpoint", one_device_run, "--inputs", str(Path(out) / "in.npz"),
+                    "--out", str(Path(out) / f"{verb}8.npz"), *extra]) == 0
     print("RESULT " + json.dumps({
         "loaded": params_fingerprint(jax.tree.map(np.asarray, state.params)),
         "loaded_spec": str(up.sharding.spec), "loaded_shards": len({s.device for s in up.addressable_shards}),
     }), flush=True)
+
+
+def _portability_inputs() -> dict[str, np.ndarray]:
+    """Two proteins' sequences with a few positions masked (for forward and generate alike)."""
+    from esm3_jax.batch import random_inputs
+    from esm3_jax import tokens as T
+
+    seq = random_inputs(2, 16)["sequence_tokens"]
+    seq[:, 3:9] = T.SEQUENCE_MASK
+    return {"sequence_tokens": seq}
 
 
 def test_weights_move_between_device_counts(frozen_run, tmp_path):
@@ -267,6 +286,15 @@ def test_weights_move_between_device_counts(frozen_run, tmp_path):
     # 1 device -> 8: the 1-device run's latest parameters, each split 8 ways along "embed".
     assert r["loaded"] == params_fingerprint(frozen_run["after5"]["state"]["params"])
     assert r["loaded_spec"] == "P('fsdp', None, 'tensor')" and r["loaded_shards"] == 8
+    # forward and generate read the 1-device run on 8 devices and give what they give on one.
+    for verb, extra in (("forward", []), ("generate", ["--track", "sequence", "--num-steps", "3", "--temperature", "1"])):
+        assert cli_main([verb, "--checkpoint", str(frozen_run["out"]), "--inputs", str(tmp_path / "run8" / "in.npz"),
+                         "--out", str(tmp_path / f"{verb}1.npz"), *extra]) == 0
+        on8, on1 = np.load(tmp_path / "run8" / f"{verb}8.npz"), np.load(tmp_path / f"{verb}1.npz")
+        assert set(on8.files) == set(on1.files)
+        for k in on1.files:
+            np.testing.assert_allclose(on8[k], on1[k], rtol=1e-5, atol=1e-5, err_msg=f"{verb} {k}")
+    assert not np.any(np.load(tmp_path / "generate1.npz")["sequence_tokens"] == 32)
     # 8 devices -> 1: the 8-device run's parameters exactly, on this process's one device ...
     cfg = load_config(CONFIGS / "finetune_tiny.yaml", _overrides(tmp_path / "unused", f"train.init_from={tmp_path / 'run8'}"))
     loaded = setup_training(cfg, jax.devices()[:1]).initial_state()
@@ -277,7 +305,6 @@ def test_weights_move_between_device_counts(frozen_run, tmp_path):
     assert kind == "esm3" and params_fingerprint(host) == r["loaded"]
     # Every verb that reads parameters takes the 8-device run on this one device.
     from esm3_jax.batch import random_inputs
-    from esm3_jax.cli import main as cli_main
 
     np.savez(tmp_path / "in.npz", **{k: v for k, v in random_inputs(2, 16).items() if k == "sequence_tokens"})
     assert cli_main(["checkpoint-info", str(tmp_path / "run8")]) == 0
@@ -285,6 +312,9 @@ def test_weights_move_between_device_counts(frozen_run, tmp_path):
     assert cli_main(["forward", "--checkpoint", str(tmp_path / "run8"), "--inputs", str(tmp_path / "in.npz"),
                      "--out", str(tmp_path / "out.npz")]) == 0
     assert np.load(tmp_path / "out.npz")["sequence_logits"].shape[:2] == (2, 16)
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "run8"), "--inputs", str(tmp_path / "run8" / "in.npz"),
+                     "--track", "sequence", "--num-steps", "2", "--out", str(tmp_path / "gen.npz")]) == 0
+    assert not np.any(np.load(tmp_path / "gen.npz")["sequence_tokens"] == 32)
 
 
 if __name__ == "__main__":

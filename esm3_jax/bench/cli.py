@@ -3,8 +3,8 @@
 Every benchmark prints (1) esm3-jax against the reference implementation on identical config,
 weights and inputs, measured in the same process, and (2) model FLOP utilisation against the
 machine's matmul rate, measured in the same run with the same dtype. One module per benchmark:
-forward.py, train_step.py, vqvae.py, data.py, generate.py; vqvae_handedness.py measures what the
-VQ-VAE's losses pull toward, not speed.
+forward.py, train_step.py, vqvae.py, data.py, generate.py, preprocess.py (local vs Beam);
+vqvae_handedness.py measures what the VQ-VAE's losses pull toward, not speed.
 """
 
 from __future__ import annotations
@@ -52,6 +52,15 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--data", required=True, help="a folder of shards written by `esm3-jax preprocess`")
     d.add_argument("--config", default="small")
     d.add_argument("--batches", type=int, default=50)
+    pre = sub.add_parser("preprocess", help="preprocessing structures/s and sequences/s per worker: local path vs Beam")
+    pre.add_argument("--structures", default="demo_data/structures", help="a folder of PDB/mmCIF files")
+    pre.add_argument("--sequences", default="demo_data/pdb_chains_train.jsonl.gz", help="a FASTA or jsonl file")
+    pre.add_argument("--n-structures", type=int, default=100, help="the first N structure files")
+    pre.add_argument("--n-sequences", type=int, default=3000, help="the first N sequences")
+    pre.add_argument("-j", "--workers", type=int, default=2, help="worker processes, each path")
+    pre.add_argument("--repeats", type=int, default=2, help="alternating rounds (median reported)")
+    pre.add_argument("--beam-mode", default="multi_processing", choices=("multi_processing", "multi_threading"),
+                     help="the DirectRunner's workers: processes, or threads of this process")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -81,4 +90,9 @@ def cli_main(args: argparse.Namespace) -> int:
         from esm3_jax.bench.data import bench_data
 
         bench_data(args.data, args.config, args.batches)
+    elif args.what == "preprocess":
+        from esm3_jax.bench.preprocess import bench_preprocess
+
+        bench_preprocess(args.structures, args.sequences, workers=args.workers, n_structures=args.n_structures,
+                         n_sequences=args.n_sequences, repeats=args.repeats, beam_mode=args.beam_mode)
     return 0

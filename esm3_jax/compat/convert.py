@@ -12,10 +12,11 @@ from typing import Callable
 
 import numpy as np
 
-from esm3_jax.compat import tokenizer_weights
+from esm3_jax.compat import function_decoder_weights, tokenizer_weights
 from esm3_jax.compat.esm3_weights import esm3_params_to_torch, infer_esm3_config, torch_to_esm3_params
 from esm3_jax.compat.layouts import Array
-from esm3_jax.compat.params_io import DECODER_KIND, ENCODER_KIND, ESM3_KIND, load_params, save_params
+from esm3_jax.compat.params_io import (DECODER_KIND, ENCODER_KIND, ESM3_KIND, FUNCTION_DECODER_KIND, load_params,
+                                      save_params)
 from esm3_jax.config import to_dict
 from esm3_jax.model.config import model_config_from_dict
 
@@ -52,7 +53,8 @@ def write_torch_state_dict(state: dict[str, Array], path: str | Path) -> None:
 
 
 # Converters for other model kinds register here: kind -> (import fn, export fn).
-# import fn: (state dict, args) -> (params, config dict); export fn: (params, config dict) -> state dict.
+# import fn: (state dict, args) -> (params, config dict[, {file name: text} written next to them]);
+# export fn: (params, config dict) -> state dict.
 def _esm3_import(state: dict[str, Array], args: argparse.Namespace) -> tuple[dict, dict]:
     if args.n_heads is None:
         raise ValueError("--n-heads is required for --kind esm3 (24 for esm3-sm-open-v1)")
@@ -64,10 +66,25 @@ def _esm3_export(params: dict, config: dict) -> dict[str, Array]:
     return esm3_params_to_torch(params, model_config_from_dict(config))
 
 
+def _esm_function_label_files() -> tuple[Path | None, Path | None]:
+    """The keyword and InterPro lists the installed esm package ships with the released function
+    decoder (files in the package, no download); (None, None) without the package."""
+    try:
+        from esm.utils.constants import esm3 as C
+    except ImportError:
+        return None, None
+    return Path(C.IN_REPO_DATA_FOLDER) / Path(C.KEYWORDS_VOCABULARY).name, Path(C.INTERPRO_ENTRY)
+
+
+def _function_decoder_import(state: dict[str, Array], args: argparse.Namespace) -> tuple[dict, dict, dict[str, str]]:
+    return function_decoder_weights.function_decoder_import(state, args, _esm_function_label_files())
+
+
 KINDS: dict[str, tuple[Callable, Callable]] = {
     ESM3_KIND: (_esm3_import, _esm3_export),
     ENCODER_KIND: (tokenizer_weights.encoder_import, tokenizer_weights.encoder_export),
     DECODER_KIND: (tokenizer_weights.decoder_import, tokenizer_weights.decoder_export),
+    FUNCTION_DECODER_KIND: (_function_decoder_import, function_decoder_weights.function_decoder_export),
 }
 
 
@@ -77,10 +94,13 @@ def convert_torch_to_checkpoint(torch_path: str | Path, out_dir: str | Path, kin
         raise ValueError(f"unknown --kind '{kind}'; choose from {sorted(KINDS)}")
     state = read_torch_state_dict(torch_path)
     try:
-        params, config = KINDS[kind][0](state, args)
+        params, config, *extra = KINDS[kind][0](state, args)
     except (KeyError, ValueError) as e:
         raise ValueError(f"{torch_path}: {e}") from e
-    return save_params(out_dir, params, config, kind)
+    out = save_params(out_dir, params, config, kind)
+    for name, text in (extra[0] if extra else {}).items():
+        (out / name).write_text(text)
+    return out
 
 
 def export_checkpoint_to_torch(checkpoint: str | Path, out_path: str | Path) -> None:
@@ -93,7 +113,12 @@ def export_checkpoint_to_torch(checkpoint: str | Path, out_path: str | Path) -> 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-state-dict", help="PyTorch .pth to import (official release format)")
     p.add_argument("--kind", default="esm3", help="model kind: " + ", ".join(sorted(KINDS)) + " (default esm3)")
-    p.add_argument("--n-heads", type=int, help="attention heads (not inferable from shapes; 24 for esm3-sm-open-v1)")
+    p.add_argument("--n-heads", type=int, help="attention heads (not inferable from shapes; 24 for esm3-sm-open-v1, "
+                   "20 for the structure decoder; the function decoder defaults to its release's 8)")
+    p.add_argument("--keyword-vocabulary", help="function-decoder import: its keyword list, one per line "
+                   "(default: the list the installed esm package ships)")
+    p.add_argument("--interpro-entries", help="function-decoder import: its InterPro entry list (ENTRY_AC column "
+                   "or one accession per line; default: the list the installed esm package ships)")
     p.add_argument("--out", required=True, help="output checkpoint directory (import) or .pth path (--export)")
     p.add_argument("--export", metavar="CHECKPOINT_DIR", help="export this esm3-jax checkpoint to a PyTorch state dict")
 

@@ -1,7 +1,7 @@
 """Parameters on disk: params checkpoints, and the parameters of a training run's checkpoints.
 
 Layout of a params checkpoint written by `save_params` (used by `convert` and for exported models):
-    DIR/esm3_jax.yaml    kind (esm3 | structure-encoder | structure-decoder) and the model config
+    DIR/esm3_jax.yaml    kind (esm3 | structure-encoder | structure-decoder | function-decoder) and the model config
     DIR/params/          Orbax PyTree checkpoint of the (unboxed) parameter tree
 A training run's checkpoints (train/checkpoint.py writes them) are read here too, to the host, so
 that inference and `convert --export` take either without knowing about training.
@@ -24,6 +24,7 @@ import yaml
 META_FILE = "esm3_jax.yaml"
 # The kinds of model a params checkpoint can hold (its esm3_jax.yaml says which).
 ESM3_KIND, ENCODER_KIND, DECODER_KIND = "esm3", "structure-encoder", "structure-decoder"
+FUNCTION_DECODER_KIND = "function-decoder"
 
 
 def save_params(directory: str | Path, params: Any, config: dict, kind: str) -> Path:

@@ -354,3 +354,83 @@ def load_function_vocab_dir(vocab_dir: str | Path) -> FunctionVocab:
         raise FileNotFoundError(f"function vocabulary directory not found: {d}")
     names = (KEYWORDS_FILE, IDF_FILE, LABELS_FILE, HYPERPLANES_FILE)
     return load_function_vocab(*(_vocab_file(d, name) for name in names))
+
+
+# --- decoding: function tokens -> the vocabulary's labels and keywords ------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Signatures:
+    """The LSH signature (tables x bits, 0/1) of every label and every keyword of a vocabulary:
+    what a residue annotated with exactly that label (or bare keyword) is tokenized to."""
+
+    names: tuple[str, ...]
+    is_label: np.ndarray  # (C,) bool: a label id (else a keyword)
+    bits_CxS: np.ndarray  # (C, tables * bits) uint8
+
+
+@functools.lru_cache(maxsize=4)
+def vocab_signatures(vocab: FunctionVocab) -> Signatures:
+    names, rows, is_label = [], [], []
+    for label in vocab.label_keywords:
+        vec = label_vector(vocab, [label])
+        if np.any(vec[1]):  # a label none of whose keywords survived min_df has no direction
+            names.append(label)
+            rows.append(lsh_values(vocab, vec))
+            is_label.append(True)
+    # A bare keyword's vector is its own axis: bit b of table t is [h_tbk >= 0].
+    keyword_bits_KxTxB = np.moveaxis(vocab.hyperplanes_TxBxK >= 0, -1, 0)
+    bits = [((np.asarray(rows)[..., None] >> np.arange(vocab.bits)) & 1).astype(np.uint8).reshape(len(rows), -1)
+            if rows else np.zeros((0, vocab.depth * vocab.bits), np.uint8),
+            keyword_bits_KxTxB.astype(np.uint8).reshape(len(vocab.keywords), -1)]
+    return Signatures(tuple(names) + vocab.keywords, np.array(is_label + [False] * len(vocab.keywords)),
+                      np.concatenate(bits))
+
+
+def token_bits(tokens_LxD: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """((L, D * bits) uint8 LSH bits, (L,) bool: the row is all LSH ids) of function tokens."""
+    tokens_LxD = np.asarray(tokens_LxD, np.int64)
+    has_L = np.all(tokens_LxD >= T.FUNCTION_LSH_OFFSET, axis=1)
+    values = np.where(has_L[:, None], tokens_LxD - T.FUNCTION_LSH_OFFSET, 0)
+    return ((values[..., None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(len(values), -1), has_L
+
+
+def nearest_function_labels(
+    vocab: FunctionVocab, tokens_LxD: np.ndarray, max_hamming: int = 10
+) -> tuple[list[tuple[int, str, int]], np.ndarray]:
+    """([(position, name, Hamming distance)], (L,) nearest distance, -1 where not all LSH ids).
+
+    The list has, for every residue whose tokens are LSH ids, the label(s) or keyword(s) of
+    `vocab` whose signature is nearest to the residue's 64 bits, all of those tied at the
+    minimum, when that minimum is <= `max_hamming`. Positions count from 0.
+
+    Random 64-bit signatures lie 32 +- 4 bits apart and the nearest of ~10^5 random ones ~14
+    bits away, so a distance <= 10 is a real match (the residue's TF-IDF vector within ~30
+    degrees of the label's: the LSH angle estimate is pi * d / 64)."""
+    sig = vocab_signatures(vocab)
+    pos_bits, has_L = token_bits(tokens_LxD, vocab.bits)
+    out: list[tuple[int, str, int]] = []
+    nearest_L = np.full(len(pos_bits), -1, np.int64)
+    cand = sig.bits_CxS.astype(np.float32)
+    for start in range(0, len(pos_bits), 256):
+        p = pos_bits[start : start + 256].astype(np.float32)
+        # Hamming = |p| + |c| - 2 p.c, as one matmul.
+        dist_PxC = p.sum(1, keepdims=True) + cand.sum(1)[None, :] - 2.0 * (p @ cand.T)
+        best_P = dist_PxC.min(axis=1)
+        for i, best in enumerate(best_P):
+            pos = start + i
+            if not has_L[pos]:
+                continue
+            nearest_L[pos] = int(round(best))
+            if best <= max_hamming:
+                out.extend((pos, sig.names[c], int(round(best))) for c in np.flatnonzero(dist_PxC[i] == best))
+    return out, nearest_L
+
+
+def label_top_keywords(vocab: FunctionVocab, name: str, k: int = 5) -> list[str]:
+    """A label's k keywords of largest TF-IDF weight ([name] itself for a bare keyword)."""
+    if name not in vocab.label_keywords:
+        return [name]
+    idx, val = tfidf(vocab, vocab.label_keywords[name])
+    order = np.argsort(-val, kind="stable")[:k]
+    return [vocab.keywords[idx[j]] for j in order]

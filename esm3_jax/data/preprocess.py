@@ -16,7 +16,8 @@ The output folder holds:
                                   unparsable, empty, too short, unknown letters,
                                   too many unknown residues, length mismatch,
                                   no backbone, no protein chains, bad coordinates, bad function label,
-                                  structure features failed
+                                  structure features failed, truncated (a compressed input that
+                                  ends early: the part it held up to there is kept)
     progress.jsonl                the run's settings, then one line per finished shard (for resume)
 
 Why shards are cut by *input entry* rather than by kept record: a shard's content then depends only
@@ -27,6 +28,10 @@ everything before it. (A structure file is one entry; all its chains go to its s
 Resume: each shard is written to a hidden temporary name and renamed when complete; its sha256 is
 then appended to progress.jsonl. A rerun with the same settings skips every shard whose file is
 present with that checksum and redoes the rest.
+
+The same run as an Apache Beam pipeline (`--runner`, for clusters) is preprocess_beam.py; it calls
+this module's per-entry (`process_entry`/`outcome`), per-shard (`write_shard_file`, `shard_row`) and
+summary (`summarize`) code, so both paths write the same bytes. The verb is preprocess_cli.py.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import json
 import multiprocessing
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -147,46 +152,89 @@ def _write_shard(path: Path, payloads: Sequence[bytes]) -> None:
     os.replace(tmp, path)
 
 
-def process_shard(
-    out_dir: str, index: int, entries: Sequence[tuple[int, src.Entry]], settings: Settings, tok: Tokenizers
-) -> dict:
-    """Parse, tokenize and write one shard; return its progress line (counts, rejects, checksum)."""
-    payloads: list[bytes] = []
+class Kept(NamedTuple):
+    """One protein that became a record: its bytes and what the manifest counts of it."""
+
+    input_index: int
+    payload: bytes
+    n_residues: int
+    tracks: tuple[str, ...]
+
+
+class Rejected(NamedTuple):
+    input_index: int
+    reject: dict  # source, id, reason, detail (one line of rejects.jsonl)
+
+
+Outcome = Kept | Rejected
+
+
+def process_entry(input_index: int, entry: src.Entry, settings: Settings, tok: Tokenizers) -> list[Outcome]:
+    """Parse and tokenize one input entry: one outcome per protein it holds, in file order."""
+    return [outcome(input_index, entry.location, item, settings, tok) for item in src.parse_entry(entry, settings.parse)]
+
+
+def outcome(
+    input_index: int, location: str, item: src.RawProtein | src.SourceError, settings: Settings, tok: Tokenizers
+) -> Outcome:
+    """One parsed protein (or the error that stopped its parsing) -> its record bytes, or its reject line."""
+    try:
+        if isinstance(item, src.SourceError):
+            raise item
+        record = to_record(item, tok, settings.min_length, settings.max_unknown_fraction)
+    except src.SourceError as e:
+        rid = item.id if isinstance(item, src.RawProtein) else item.record_id
+        return Rejected(input_index, {"source": location, "id": rid, "reason": e.reason, "detail": e.detail})
+    return Kept(input_index, records.serialize(record), len(record), tuple(t for t in TRACKS if record.has(t)))
+
+
+def shard_row(index: int, n_entries: int, outcomes: Iterable[Outcome], sha256: str, extra: dict | None = None) -> dict:
+    """The progress line of a written shard (counts, rejects, checksum); `outcomes` in shard order."""
     rejects: list[dict] = []
     lengths: collections.Counter = collections.Counter()
     tracks: collections.Counter = collections.Counter()
     per_input = collections.defaultdict(lambda: [0, 0])  # input index -> [kept, rejected]
-    n_residues = 0
-    for input_index, entry in entries:
-        for item in src.parse_entry(entry, settings.parse):
-            try:
-                if isinstance(item, src.SourceError):
-                    raise item
-                record = to_record(item, tok, settings.min_length, settings.max_unknown_fraction)
-            except src.SourceError as e:
-                rid = item.id if isinstance(item, src.RawProtein) else item.record_id
-                rejects.append({"source": entry.location, "id": rid, "reason": e.reason, "detail": e.detail})
-                per_input[input_index][1] += 1
-                continue
-            payloads.append(records.serialize(record))
-            per_input[input_index][0] += 1
-            n_residues += len(record)
-            lengths[_length_bin(len(record))] += 1
-            tracks.update(t for t in TRACKS if record.has(t))
-    path = Path(out_dir) / shard_name(index)
-    _write_shard(path, payloads)
-    return {
+    n_records = n_residues = 0
+    for o in outcomes:
+        if isinstance(o, Rejected):
+            rejects.append(o.reject)
+            per_input[o.input_index][1] += 1
+            continue
+        n_records += 1
+        per_input[o.input_index][0] += 1
+        n_residues += o.n_residues
+        lengths[_length_bin(o.n_residues)] += 1
+        tracks.update(o.tracks)
+    row = {
         "shard": index,
-        "file": path.name,
-        "sha256": _sha256(path),
-        "n_entries": len(entries),
-        "n_records": len(payloads),
+        "file": shard_name(index),
+        "sha256": sha256,
+        "n_entries": n_entries,
+        "n_records": n_records,
         "n_residues": n_residues,
         "tracks": dict(tracks),
         "lengths": dict(lengths),
         "per_input": {str(k): v for k, v in sorted(per_input.items())},
         "rejects": rejects,
     }
+    if extra:
+        row.update(extra)
+    return row
+
+
+def write_shard_file(path: Path, outcomes: Sequence[Outcome]) -> str:
+    """Write the kept records of `outcomes` as the shard at `path`; returns its sha256."""
+    _write_shard(path, [o.payload for o in outcomes if isinstance(o, Kept)])
+    return _sha256(path)
+
+
+def process_shard(
+    out_dir: str, index: int, entries: Sequence[tuple[int, src.Entry]], settings: Settings, tok: Tokenizers
+) -> dict:
+    """Parse, tokenize and write one shard; return its progress line (counts, rejects, checksum)."""
+    outcomes = [o for input_index, entry in entries for o in process_entry(input_index, entry, settings, tok)]
+    sha256 = write_shard_file(Path(out_dir) / shard_name(index), outcomes)
+    return shard_row(index, len(entries), outcomes, sha256)
 
 
 # --- tokenizers, loaded once per worker (data/tokenize.py) --------------------------------------------------
@@ -229,10 +277,13 @@ def count_entries(settings: Settings) -> int:
             n += 1
         else:
             with src.open_text(path) as f:
-                if kind == "jsonl":
-                    n += sum(1 for line in f if line.strip())
-                else:
-                    n += sum(1 for line in f if line.startswith(">"))
+                lines = iter(f)
+                while True:  # line by line, so that a truncated .gz still counts what it holds
+                    try:
+                        line = next(lines)
+                    except (StopIteration, *src.STREAM_ERRORS):
+                        break
+                    n += bool(line.strip()) if kind == "jsonl" else line.startswith(">")
     return n
 
 
@@ -339,7 +390,7 @@ def run(
     manifest = _write_outputs(out, settings, results)
     if manifest["n_records"] == 0:
         raise PreprocessError(
-            f"every one of {manifest['n_rejected']} proteins was rejected ({_reason_summary(manifest)}); "
+            f"every one of {manifest['n_rejected']} proteins was rejected ({reason_summary(manifest)}); "
             f"see {out / REJECTS}"
         )
     return manifest
@@ -353,7 +404,7 @@ def _drain(pending: dict, bar, finished, how) -> None:
         bar.update(n)
 
 
-def _reason_summary(manifest: dict) -> str:
+def reason_summary(manifest: dict) -> str:
     return ", ".join(f"{n} {r}" for r, n in manifest["rejected_by_reason"].items())
 
 
@@ -375,25 +426,28 @@ def split_clustering(paths: Sequence[str]) -> dict | None:
     return {"split": folder.name, "split_json": str(info), **summary}
 
 
-def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> dict:
-    """manifest.json and rejects.jsonl from the per-shard lines, in shard order (deterministic)."""
-    rows = [results[i] for i in sorted(results)]
-    if [r["shard"] for r in rows] != list(range(len(rows))):
-        raise PreprocessError(f"{out}: shards {sorted(results)} are not contiguous; rerun to finish them")
+def check_contiguous(where: str, shards: Iterable[int]) -> None:
+    shards = sorted(shards)
+    if shards != list(range(len(shards))):
+        raise PreprocessError(f"{where}: shards {shards} are not contiguous; rerun to finish them")
+
+
+def summarize(settings: Settings, rows: Sequence[dict], write_line, clustering: dict | None) -> dict:
+    """The manifest of the per-shard progress lines `rows` (in shard order); each reject goes to
+    `write_line` as one line of rejects.jsonl, in the same order (deterministic)."""
     reasons: collections.Counter = collections.Counter()
     tracks: collections.Counter = collections.Counter()
     lengths: collections.Counter = collections.Counter()
     per_input = collections.defaultdict(lambda: [0, 0])
-    with open(out / REJECTS, "w") as f:
-        for r in rows:
-            for rej in r["rejects"]:
-                f.write(json.dumps(rej) + "\n")
-                reasons[rej["reason"]] += 1
-            tracks.update(r["tracks"])
-            lengths.update(r["lengths"])
-            for k, (kept, rejected) in r["per_input"].items():
-                per_input[int(k)][0] += kept
-                per_input[int(k)][1] += rejected
+    for r in rows:
+        for rej in r["rejects"]:
+            write_line(json.dumps(rej) + "\n")
+            reasons[rej["reason"]] += 1
+        tracks.update(r["tracks"])
+        lengths.update(r["lengths"])
+        for k, (kept, rejected) in r["per_input"].items():
+            per_input[int(k)][0] += kept
+            per_input[int(k)][1] += rejected
     n_records = sum(r["n_records"] for r in rows)
     n_residues = sum(r["n_residues"] for r in rows)
     bins = [_length_bin(e) for e in _HIST_EDGES[:-1]]  # in length order
@@ -414,71 +468,49 @@ def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> d
         "shards": [{"file": r["file"], "n_records": r["n_records"], "sha256": r["sha256"]} for r in rows],
         "settings": settings.to_json(),
     }
-    clustering = split_clustering([path for path, _ in settings.inputs])
+    joins = [r["join"] for r in rows if "join" in r]
+    if joins:  # a run that joined tracks by record id (the Beam path's --join): ids found in several inputs, and per input the proteins whose id no other input had
+        unmatched: collections.Counter = collections.Counter()
+        for j in joins:
+            unmatched.update({int(k): v for k, v in j["unmatched"].items()})
+        manifest["join"] = {
+            "matched_ids": sum(j["matched"] for j in joins),
+            "unmatched": [
+                {"path": path, "n_unmatched": unmatched.get(i, 0)} for i, (path, _) in enumerate(settings.inputs)
+            ],
+        }
     if clustering is not None:
         manifest["clustering"] = clustering
+    return manifest
+
+
+def manifest_text(manifest: dict) -> str:
+    return json.dumps(manifest, indent=1) + "\n"
+
+
+def _write_outputs(out: Path, settings: Settings, results: dict[int, dict]) -> dict:
+    """manifest.json and rejects.jsonl from the per-shard lines, in shard order (deterministic)."""
+    check_contiguous(str(out), results)
+    rows = [results[i] for i in sorted(results)]
+    with open(out / REJECTS, "w") as f:
+        manifest = summarize(settings, rows, f.write, split_clustering([path for path, _ in settings.inputs]))
     tmp = out / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.write_text(manifest_text(manifest))
     os.replace(tmp, out / MANIFEST)
     return manifest
 
 
-# --- CLI ------------------------------------------------------------------------------------------------------
+# --- settings from the command line (the verb is preprocess_cli.py) ----------------------------------------
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "inputs", nargs="+",
-        help="FASTA / jsonl files (.gz ok), structure files, or folders of PDB/mmCIF files; kind by extension",
-    )  # fmt: skip
-    parser.add_argument("-o", "--out", required=True, help="output folder (shards, manifest.json, rejects.jsonl)")
-    parser.add_argument(
-        "--residue-labels", action="append", default=[],
-        help="per-residue label file (`>name` then `chain resnum aa 0|1` lines, ScanNet PPBS style); repeatable",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ppi-annotation-id", type=int, default=src.ParseOptions.ppi_annotation_id,
-        help="residue-annotation id (4..1477) given to residues labelled 1 in --residue-labels files: a "
-        "project-defined label (the release's InterPro site-label table is not part of the esm package)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--function-vocab",
-        help="folder from `esm3-jax build-function-vocab`, or of the release's files under their own names; "
-        "without it, function labels in the inputs are not tokenized",
-    )
-    parser.add_argument("--function-from-sccs", action="store_true",
-                        help="jsonl rows' `sccs` becomes a whole-protein function label")  # fmt: skip
-    parser.add_argument(
-        "--scope-des", help="SCOPe dir.des file: its px rows give structure chains function labels (family sccs)"
-    )
-    parser.add_argument("--structure-encoder", metavar="DIR", help="VQ-VAE checkpoint folder: add structure tokens")
-    parser.add_argument(
-        "--plddt", choices=("auto", "bfactor", "one"), default="auto",
-        help="structures' pLDDT: B-factors of files that look predicted, 1.0 otherwise (auto); always B-factors; "
-        "always 1.0",
-    )  # fmt: skip
-    parser.add_argument("--records-per-shard", type=int, default=Settings.records_per_shard,
-                        help="input entries per shard (a structure file is one entry)")  # fmt: skip
-    parser.add_argument(
-        "--min-length", type=int, default=Settings.min_length,
-        help=f"reject proteins with fewer residues (default {Settings.min_length})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-unknown-fraction", type=float, default=Settings.max_unknown_fraction,
-        help="reject proteins whose fraction of unknown residues (X) is above this "
-        f"(default {Settings.max_unknown_fraction}; 1 keeps all)",
-    )  # fmt: skip
-    parser.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="discard an earlier run in --out (otherwise it is resumed)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    inputs = [(str(p), src.input_kind(p)) for p in args.inputs]
+def settings_from_args(
+    args: argparse.Namespace, kind_of=src.input_kind, exists=lambda p: Path(p).is_file()
+) -> Settings:
+    """The run's settings; `kind_of` and `exists` look at the inputs (local files here; the Beam
+    path passes its own, for object stores)."""
+    inputs = [(str(p), kind_of(str(p))) for p in args.inputs]
     for p in args.residue_labels:
-        if not Path(p).is_file():
+        if not exists(str(p)):
             raise FileNotFoundError(f"residue label file not found: {p}")
         inputs.append((str(p), "residue_labels"))
     parse = src.ParseOptions(
@@ -496,16 +528,3 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         structure_encoder=args.structure_encoder,
         parse=parse,
     )
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    if settings.structure_encoder:
-        tokenize.load_structure_encoder(settings.structure_encoder)  # fail before any work, not in every worker
-    manifest = run(settings, args.out, workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
-    reasons = f" ({_reason_summary(manifest)})" if manifest["n_rejected"] else ""
-    print(
-        f"{manifest['n_records']} records ({manifest['n_tokens']} tokens) in {len(manifest['shards'])} shards; "
-        f"{manifest['n_rejected']} rejected{reasons} -> {args.out}"
-    )
-    return 0

@@ -35,6 +35,7 @@ import json
 import re
 import string
 import subprocess
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -62,7 +63,7 @@ class SourceError(ValueError):
 class Entry:
     """One unit of an input, enumerated cheaply; `location` is "path:line" or the file path."""
 
-    kind: str  # "fasta" | "jsonl" | "residue_labels" | "structure"
+    kind: str  # "fasta" | "jsonl" | "residue_labels" | "structure" | "truncated" (the rest of a cut file)
     location: str
     data: object  # fasta: (header, sequence); jsonl: the line; residue_labels: (header, lines); structure: path
 
@@ -119,6 +120,12 @@ def input_kind(path: str | Path) -> str:
         return "structure_dir"
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
+    return file_kind(p)
+
+
+def file_kind(path: str | Path) -> str:
+    """The kind of an input file by its extension (fasta, jsonl or structure)."""
+    p = Path(path)
     suffix = _bare_suffix(p)
     if suffix in FASTA_SUFFIXES:
         return "fasta"
@@ -136,40 +143,81 @@ def input_kind(path: str | Path) -> str:
 # --- enumeration ------------------------------------------------------------------------------------
 
 
-def _header_blocks(path: str | Path) -> Iterator[tuple[int, str | None, list[str]]]:
-    """(line number, header, non-empty body lines) per `>` block; text before the first
-    header is a block too, with header None (the caller rejects it)."""
-    with open_text(path) as f:
+# A compressed input that ends early or is corrupt (a cut download) fails while being read.
+STREAM_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+class _Truncated(Exception):
+    def __init__(self, last_line: int, error: Exception):
+        super().__init__(f"the compressed file ends early or is corrupt after line {last_line} ({error}); what follows is lost")
+        self.last_line = last_line
+
+
+def _numbered_lines(f) -> Iterator[tuple[int, str]]:
+    n = 0
+    try:
+        for n, line in enumerate(f, 1):
+            yield n, line
+    except STREAM_ERRORS as e:
+        raise _Truncated(n, e) from None
+
+
+def _header_blocks(path: str | Path, open_fn=open_text) -> Iterator[tuple[int, str | None, list[str], str | None]]:
+    """(line number, header, non-empty body lines, None) per `>` block; text before the first
+    header is a block too, with header None (the caller rejects it). A block cut short by a broken
+    compressed stream comes last, with the reason in place of None (the caller rejects it too)."""
+    with open_fn(path) as f:
         header, start, lines = None, 1, []
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if line.startswith(">"):
-                if header is not None or lines:
-                    yield start, header, lines
-                header, start, lines = line[1:].strip(), n, []
-            elif line:
-                lines.append(line)
+        try:
+            for n, line in _numbered_lines(f):
+                line = line.strip()
+                if line.startswith(">"):
+                    if header is not None or lines:
+                        yield start, header, lines, None
+                    header, start, lines = line[1:].strip(), n, []
+                elif line:
+                    lines.append(line)
+        except _Truncated as e:
+            yield (start if header is not None or lines else e.last_line + 1), header, lines, str(e)
+            return
         if header is not None or lines:
-            yield start, header, lines
+            yield start, header, lines, None
 
 
-def iter_fasta(path: str | Path) -> Iterator[Entry]:
+def _truncated_entry(location: str, detail: str, record_id: str | None) -> Entry:
+    return Entry("truncated", location, (detail, record_id))
+
+
+# `open_fn` opens a text file by name: open_text here, Beam's filesystems (object stores) in
+# preprocess_beam.py. Locations name the path as given, whichever opened it.
+
+
+def iter_fasta(path: str | Path, open_fn=open_text) -> Iterator[Entry]:
     """One entry per `>` record; text before the first header becomes an (unparsable) entry too."""
-    for start, header, lines in _header_blocks(path):
-        yield Entry("fasta", f"{path}:{start}", (header, "".join(lines)))
+    for start, header, lines, broken in _header_blocks(path, open_fn):
+        if broken:
+            yield _truncated_entry(f"{path}:{start}", broken, header.split()[0] if header else None)
+        else:
+            yield Entry("fasta", f"{path}:{start}", (header, "".join(lines)))
 
 
-def iter_jsonl(path: str | Path) -> Iterator[Entry]:
-    with open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield Entry("jsonl", f"{path}:{n}", line)
+def iter_jsonl(path: str | Path, open_fn=open_text) -> Iterator[Entry]:
+    with open_fn(path) as f:
+        try:
+            for n, line in _numbered_lines(f):
+                if line.strip():
+                    yield Entry("jsonl", f"{path}:{n}", line)
+        except _Truncated as e:
+            yield _truncated_entry(f"{path}:{e.last_line + 1}", str(e), None)
 
 
-def iter_residue_labels(path: str | Path) -> Iterator[Entry]:
+def iter_residue_labels(path: str | Path, open_fn=open_text) -> Iterator[Entry]:
     """ScanNet-style per-residue labels: `>name`, then `chain resnum aa label` lines."""
-    for start, header, lines in _header_blocks(path):
-        yield Entry("residue_labels", f"{path}:{start}", (header, tuple(lines)))
+    for start, header, lines, broken in _header_blocks(path, open_fn):
+        if broken:
+            yield _truncated_entry(f"{path}:{start}", broken, header)
+        else:
+            yield Entry("residue_labels", f"{path}:{start}", (header, tuple(lines)))
 
 
 def structure_files(folder: str | Path) -> list[Path]:
@@ -178,15 +226,15 @@ def structure_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and _bare_suffix(p) in STRUCTURE_SUFFIXES)
 
 
-def iter_entries(path: str | Path, kind: str | None = None) -> Iterator[Entry]:
+def iter_entries(path: str | Path, kind: str | None = None, open_fn=open_text) -> Iterator[Entry]:
     """Entries of one input, in a fixed order. `kind` overrides detection ("residue_labels")."""
     kind = kind or input_kind(path)
     if kind == "fasta":
-        yield from iter_fasta(path)
+        yield from iter_fasta(path, open_fn)
     elif kind == "jsonl":
-        yield from iter_jsonl(path)
+        yield from iter_jsonl(path, open_fn)
     elif kind == "residue_labels":
-        yield from iter_residue_labels(path)
+        yield from iter_residue_labels(path, open_fn)
     elif kind == "structure":
         yield Entry("structure", str(path), str(path))
     elif kind == "structure_dir":
@@ -216,6 +264,9 @@ def parse_entry(entry: Entry, options: ParseOptions) -> list[RawProtein | Source
             return [_parse_residue_labels(entry, options)]
         if entry.kind == "structure":
             return _parse_structure_file(entry, options)
+        if entry.kind == "truncated":
+            detail, record_id = entry.data
+            return [SourceError("truncated", detail, record_id)]
     except SourceError as e:
         return [e]
     raise ValueError(f"{entry.location}: unknown entry kind {entry.kind!r}")
@@ -361,38 +412,46 @@ def _scope_domains_cached(path: str) -> dict:
 
 
 def _parse_structure_file(entry: Entry, options: ParseOptions) -> list[RawProtein | SourceError]:
-    """Every protein chain of the file's first model: coordinates, SS8 (mkdssp), SASA, pLDDT."""
+    """Every protein chain of the file's first model: coordinates, SS8 (mkdssp), SASA, pLDDT.
+
+    The file read is `entry.data`; ids and sources name `entry.location` (the same path, unless the
+    file was copied from an object store to a local temporary file)."""
     from esm3_jax.structure import features, io as sio
 
-    path = str(entry.data)
+    path, name = str(entry.data), entry.location
+
+    def named(text: str) -> str:
+        return text.replace(path, name) if path != name else text
+
     try:
         # Per-chain results (a chain or the StructureError that rules it out), so that every bad chain
         # is listed in rejects.jsonl by name. structure.io keeps this private for now; iter_chains
         # only counts skipped chains.
         items = list(sio.read_chains(path))
     except StructureError as e:
-        return [SourceError(_STRUCTURE_REASONS.get(e.reason, e.reason), str(e))]
+        return [SourceError(_STRUCTURE_REASONS.get(e.reason, e.reason), named(str(e)))]
     looks_predicted, pdb_id = _file_header(path)
     predicted = options.plddt == "bfactor" or (options.plddt == "auto" and looks_predicted)
     domains = _scope_domains_cached(options.scope_domains_path) if options.scope_domains_path else {}
-    stem = Path(path).name.split(".")[0]
+    stem = name.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
     out: list[RawProtein | SourceError] = []
     for chain in items:
         if isinstance(chain, StructureError):
             rid = f"{stem}_{chain.chain}" if chain.chain is not None else None
-            out.append(SourceError(_STRUCTURE_REASONS.get(chain.reason, chain.reason), str(chain), rid))
+            out.append(SourceError(_STRUCTURE_REASONS.get(chain.reason, chain.reason), named(str(chain)), rid))
             continue
         try:
             # SS8 from DSSP on the chain alone, like the SASA: a record is one chain. A missing mkdssp
             # (DsspNotFoundError) is not caught: it is the run's problem, not this chain's.
             ss8, sasa_L = features.dssp_ss8(chain), features.sasa(chain)
         except (features.DsspError, subprocess.TimeoutExpired, ValueError) as e:
-            out.append(SourceError("structure features failed", f"{chain.name}: {e}", f"{stem}_{chain.chain_id}"))
+            detail = named(f"{chain.name}: {e}")
+            out.append(SourceError("structure features failed", detail, f"{stem}_{chain.chain_id}"))
             continue
         out.append(
             RawProtein(
                 id=f"{stem}_{chain.chain_id}",
-                source=f"{path}:{chain.chain_id}",
+                source=f"{name}:{chain.chain_id}",
                 sequence=chain.sequence,
                 ss8=ss8,
                 sasa=sasa_L,

@@ -361,11 +361,8 @@ def generate_chain(
     return x
 
 
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="esm3-jax checkpoint directory (from `convert` or training)")
-    p.add_argument("--inputs", required=True, help=".npz in the `forward` verb's format; the positions to generate hold the track's mask id")
-    p.add_argument("--track", required=True, help=f"the track to generate: {', '.join(TRACKS)}")
-    p.add_argument("--num-steps", type=int, required=True, help="forward passes (capped at each row's masked count)")
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every generation request shares (the batch `--inputs` form and free design)."""
     p.add_argument("--strategy", default="random", help="which masked positions unmask first: random or entropy (lowest first)")
     p.add_argument("--schedule", default="cosine", help="how many unmask by each step: cosine or linear")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: argmax)")
@@ -374,6 +371,14 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="rows per compiled step (default: all)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: the checkpoint's)")
+
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="esm3-jax checkpoint directory (from `convert` or training)")
+    p.add_argument("--inputs", required=True, help=".npz in the `forward` verb's format; the positions to generate hold the track's mask id")
+    p.add_argument("--track", required=True, help=f"the track to generate: {', '.join(TRACKS)}")
+    p.add_argument("--num-steps", type=int, required=True, help="forward passes (capped at each row's masked count)")
+    add_sampling_arguments(p)
     p.add_argument("--out", required=True, help="output .npz: the input arrays with the track filled")
 
 

@@ -318,20 +318,23 @@ class SwiGLU(nn.Module):
 
 
 class RegressionHead(nn.Module):
-    """Output head: Dense(d, d) -> GELU (erf) -> LayerNorm -> Dense(d, out), all with biases."""
+    """Output head: Dense(d, h) -> GELU (erf) -> LayerNorm -> Dense(h, out), all with biases;
+    h = d unless `hidden` says otherwise (the function-token decoder's heads use 4d)."""
 
     d_model: int
     out_features: int
     out_axis: str | None = "vocab"
     dtype: Dtype = jnp.float32
+    hidden: int | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD):
-        w1 = param(self, "dense", (self.d_model, self.d_model), (EMBED, "mlp"), fan_in_init())
-        b1 = param(self, "dense_bias", (self.d_model,), ("mlp",), nn.initializers.zeros)
+        h_dim = self.hidden or self.d_model
+        w1 = param(self, "dense", (self.d_model, h_dim), (EMBED, "mlp"), fan_in_init())
+        b1 = param(self, "dense_bias", (h_dim,), ("mlp",), nn.initializers.zeros)
         h = dense(x_BxLxD, w1.astype(self.dtype)) + b1.astype(self.dtype)
         h = nn.gelu(h, approximate=False)
         h = LayerNorm(("mlp",), dtype=self.dtype, name="norm")(h)
-        w2 = param(self, "out", (self.d_model, self.out_features), ("mlp", self.out_axis), fan_in_init())
+        w2 = param(self, "out", (h_dim, self.out_features), ("mlp", self.out_axis), fan_in_init())
         b2 = param(self, "out_bias", (self.out_features,), (self.out_axis,), nn.initializers.zeros)
         return dense(h, w2.astype(self.dtype)) + b2.astype(self.dtype)
