@@ -3,7 +3,8 @@
 Every benchmark prints (1) esm3-jax against the reference implementation on identical config,
 weights and inputs, measured in the same process, and (2) model FLOP utilisation against the
 machine's matmul rate, measured in the same run with the same dtype. One module per benchmark:
-forward.py, train_step.py, vqvae.py, data.py, generate.py, preprocess.py (local vs Beam).
+forward.py, train_step.py, vqvae.py, data.py, generate.py, preprocess.py (local vs Beam);
+vqvae_handedness.py measures what the VQ-VAE's losses pull toward, not speed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--chains", type=int, default=8)
     v.add_argument("--length", type=int, default=256)
     v.add_argument("--repeats", type=int, default=3)
+    h = sub.add_parser("vqvae-handedness", help="which VQ-VAE loss mixes fold a chain as its mirror image (descent on coordinates)")
+    h.add_argument("--chain", default="mdanalysis_mmcif/5PTI.cif.gz:A",
+                   help="FILE:CHAIN, a path or one relative to the shared structures (default 5PTI:A)")
+    h.add_argument("--mixes", nargs="+", default=None, help="loss mixes (default all; names in bench/vqvae_handedness.py)")
+    h.add_argument("--starts", type=int, default=8)
+    h.add_argument("--steps", type=int, default=400)
     g = sub.add_parser("generate", help="batch generation vs the reference's batch_generate (proteins/s, ratio, tokens)")
     g.add_argument("--config", default="small", help="config name under configs/ or a path (default small; tiny for a quick run)")
     g.add_argument("--lengths", type=int, nargs="+", default=None,
@@ -80,6 +87,10 @@ def cli_main(args: argparse.Namespace) -> int:
         from esm3_jax.bench.vqvae import bench_vqvae
 
         bench_vqvae(args.chains, args.length, repeats=args.repeats)
+    elif args.what == "vqvae-handedness":
+        from esm3_jax.bench.vqvae_handedness import MIXES, bench_vqvae_handedness
+
+        bench_vqvae_handedness(args.chain, tuple(args.mixes or MIXES), args.starts, args.steps)
     elif args.what == "generate":
         from esm3_jax.bench.generate import DEFAULT_LENGTHS, bench_generate
 

@@ -144,6 +144,38 @@ def rmsd(mobile_Nx3: np.ndarray, target_Nx3: np.ndarray, *, superpose: bool = Tr
     return float(np.sqrt(np.mean(np.sum((mobile[shared] - target[shared]) ** 2, -1))))
 
 
+def mirror_image(x_Nx3: np.ndarray) -> np.ndarray:
+    """The reflection of a structure through the yz-plane (x -> -x): same distances, opposite
+    handedness. Which plane does not matter, since the metrics superpose by proper rotations."""
+    return np.asarray(x_Nx3) * np.array([-1.0, 1.0, 1.0], np.float32)
+
+
+def ca_pseudo_torsions(ca_Lx3: np.ndarray) -> np.ndarray:
+    """(L - 3,) dihedral angles (degrees, IUPAC sign) of CA(i), CA(i+1), CA(i+2), CA(i+3): about
+    +50 in a right-handed alpha helix, -50 in its mirror image; NaN where a CA is missing."""
+    ca = np.asarray(ca_Lx3, np.float64)
+    b0, b1, b2 = ca[1:-2] - ca[:-3], ca[2:-1] - ca[1:-2], ca[3:] - ca[2:-1]
+    n1, n2 = np.cross(b0, b1), np.cross(b1, b2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.cross(b1 / np.linalg.norm(b1, axis=-1, keepdims=True), n1)
+    return np.degrees(np.arctan2(np.sum(m * n2, -1), np.sum(n1 * n2, -1)))
+
+
+def ca_torsion_sign_agreement(pred_ca_Lx3: np.ndarray, true_ca_Lx3: np.ndarray, min_deg: float = 20.0) -> float:
+    """Local handedness: the fraction of CA pseudo-torsions with the sign of the truth's, over
+    those the truth sets clearly (|angle| within [min_deg, 180 - min_deg]).
+
+    1.0 means the local handedness (helices above all) is right everywhere, ~0 that it is
+    mirrored, whatever the global fold. NaN when no torsion qualifies.
+    """
+    if len(true_ca_Lx3) < 4:
+        return float("nan")
+    tp, tt = ca_pseudo_torsions(pred_ca_Lx3), ca_pseudo_torsions(true_ca_Lx3)
+    with np.errstate(invalid="ignore"):
+        clear = np.isfinite(tp) & np.isfinite(tt) & (np.abs(tt) >= min_deg) & (np.abs(tt) <= 180.0 - min_deg)
+    return float(np.mean(np.sign(tp[clear]) == np.sign(tt[clear]))) if clear.any() else float("nan")
+
+
 LDDT_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
 
 

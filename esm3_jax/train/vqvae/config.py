@@ -24,8 +24,11 @@ class LossWeights:
     direction_bins: float = 1.0
     inverse_folding: float = 1.0
     commitment: float = 1.0  # on top of the codebook's own 0.25
-    # Backbone FAPE: not in the paper, chiral. Experimental: it made mirrored folds more common in
-    # the small run (BENCHMARKS.md), a sign of a frame-convention mismatch not yet checked.
+    # Backbone FAPE: not in the paper, chiral. The frame convention is consistent (tests/
+    # test_vqvae_conventions.py); what decides a fold's handedness is which loss dominates early:
+    # the unclamped distance loss (Å^2, achiral) outweighs FAPE (Å / 10) a hundredfold, so a
+    # share of chains settles into the mirror image. FAPE only fixes that at a weight that
+    # dominates and without its clamp (train.fape_clamp); BENCHMARKS.md, issue 20.
     fape: float = 0.0
     plddt: float = 0.0  # stage 2
     pae: float = 0.0  # stage 2
@@ -48,7 +51,12 @@ class VQVAETrainSettings:
     encoder_checkpoint: str = ""  # stage 2: the frozen encoder (a structure-encoder params dir)
     data_dir: str = ""  # folder with index.jsonl; '' = ../shared/data/structures
     max_train_chains: int = 0  # 0 = all
-    max_valid_chains: int = 0
+    max_valid_chains: int = 0  # the evaluated chains (for eval_split train, default: the training chains)
+    max_chain_length: int = 0  # > 0: chains longer than this are left out (not cropped), both splits
+    # The split the run evaluates at the end. "train" scores the chains it trained on: the
+    # overfit check (configs/vqvae_overfit.yaml), and the only choice for a data folder
+    # without an index.jsonl, which has no valid split.
+    eval_split: str = "valid"
     crop_length: int = 128
     batch_size: int = 8
     steps: int = 1000
@@ -69,6 +77,11 @@ class VQVAETrainSettings:
     loss_weights: LossWeights = dataclasses.field(default_factory=LossWeights)
     distance_clamp: float = DISTANCE_CLAMP  # Å^2, on the backbone distance loss's squared errors
     direction_clamp: float = DIRECTION_CLAMP
+    # Å, on each FAPE error (AlphaFold 2's 10 Å). Clamped, FAPE has no gradient for pairs off by
+    # more than this, which early in training is every non-local pair: the global fold (and so its
+    # handedness) is then set by the achiral distance loss alone, and a share of chains settles
+    # into the mirror image, which no later local term undoes (BENCHMARKS.md, issue 20).
+    fape_clamp: float = 10.0
     # Stage 2 sub-stages 2B/2C (ESM3_SPEC 5.4): an esm3-jax ESM3 checkpoint whose structure
     # predictions from the sequence alone replace the encoder's tokens in a random fraction of
     # the samples, so that the decoder and its confidence heads see ESM3's outputs.
@@ -76,8 +89,12 @@ class VQVAETrainSettings:
     esm3_token_probability: float = 0.5
 
     def validate(self) -> None:
-        if self.distance_clamp <= 0 or self.direction_clamp <= 0:
-            raise ValueError("train.distance_clamp and train.direction_clamp must be positive")
+        if self.distance_clamp <= 0 or self.direction_clamp <= 0 or self.fape_clamp <= 0:
+            raise ValueError("train.distance_clamp, train.direction_clamp and train.fape_clamp must be positive")
+        if self.eval_split not in ("train", "valid"):
+            raise ValueError(f"train.eval_split must be train or valid, got {self.eval_split!r}")
+        if self.max_chain_length < 0 or self.max_train_chains < 0 or self.max_valid_chains < 0:
+            raise ValueError("train.max_chain_length, max_train_chains and max_valid_chains must be >= 0")
         if self.stage not in (1, 2):
             raise ValueError(f"train.stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and not self.encoder_checkpoint:

@@ -10,8 +10,9 @@ from typing import Iterator
 
 import numpy as np
 
+from esm3_jax.data.sources import STRUCTURE_SUFFIXES, structure_files
 from esm3_jax.model.vqvae import N_AMINO_ACIDS, aa_indices
-from esm3_jax.structure.io import load_structure
+from esm3_jax.structure.io import iter_chains, load_structure
 
 # The real structures are shared by all checkouts, so they live beside this one, not in it:
 # <repo>/../shared/data/structures. It is the data folder when train.data_dir is '' (as in
@@ -29,14 +30,38 @@ class Chain:
     atom37: np.ndarray | None = None  # (L, 37, 3), NaN where missing; kept for all-atom decoders
 
 
-def load_split(data_dir: Path, split: str, max_chains: int = 0, all_atom: bool = False) -> list[Chain]:
-    """The chains of one split of index.jsonl (each file parsed once); with all_atom, every
-    heavy atom too (atom37), not only the backbone."""
+# A chain needs this many residues with N, CA and C to be trained on and scored (superposition
+# needs three points); the shared index already leaves out chains under 30.
+MIN_BACKBONE_RESIDUES = 3
+
+
+def _chain_record(name: str, c, all_atom: bool) -> Chain:
+    return Chain(name, np.array(c.backbone), np.array(c.residue_index), aa_indices(c.sequence),
+                 np.array(c.coords) if all_atom else None)
+
+
+def _enough_backbone(c) -> bool:
+    return int(np.isfinite(np.asarray(c.backbone)).all((-1, -2)).sum()) >= MIN_BACKBONE_RESIDUES
+
+
+def load_split(data_dir: Path, split: str, max_chains: int = 0, all_atom: bool = False, max_length: int = 0) -> list[Chain]:
+    """The chains of one split of a structure folder (each file parsed once); with all_atom, every
+    heavy atom too (atom37), not only the backbone. max_length > 0 leaves out longer chains (they
+    are not cropped); max_chains > 0 keeps the first that many after that.
+
+    A folder with an index.jsonl (the shared structures' format: file, chain, n_res, split) gives
+    the rows of that split. Any other folder is read as it is: every usable protein chain of every
+    PDB/mmCIF file under it (recursive, sorted by path), all of them in the train split; such a
+    folder has no valid split.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such structure folder (set train.data_dir or --data)")
     index = data_dir / "index.jsonl"
     if not index.is_file():
-        raise FileNotFoundError(f"{index}: no structure index (set train.data_dir)")
+        return _load_folder(data_dir, split, max_chains, all_atom, max_length)
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["split"] == split]
+    rows = [r for r in rows if r["split"] == split and (not max_length or r["n_res"] <= max_length)]
     if max_chains:
         rows = rows[:max_chains]
     by_file: dict[str, list[str]] = {}
@@ -45,12 +70,30 @@ def load_split(data_dir: Path, split: str, max_chains: int = 0, all_atom: bool =
     chains = []
     for file, wanted in by_file.items():
         found = {c.chain_id: c for c in load_structure(data_dir / file)}
-        for chain_id in wanted:
-            c = found[chain_id]
-            chains.append(Chain(f"{file}/{chain_id}", np.array(c.backbone), np.array(c.residue_index), aa_indices(c.sequence),
-                                np.array(c.coords) if all_atom else None))
+        chains.extend(_chain_record(f"{file}/{chain_id}", found[chain_id], all_atom) for chain_id in wanted)
     if not chains:
-        raise ValueError(f"{index}: no chains in split '{split}'")
+        raise ValueError(f"{index}: no chains in split '{split}'" + (f" of at most {max_length} residues" if max_length else ""))
+    return chains
+
+
+def _load_folder(data_dir: Path, split: str, max_chains: int, all_atom: bool, max_length: int) -> list[Chain]:
+    if split != "train":
+        raise ValueError(f"{data_dir}: no index.jsonl, so no '{split}' split: every chain in the folder is a training "
+                         "chain (evaluate them with train.eval_split=train)")
+    files = structure_files(data_dir)
+    if not files:
+        raise ValueError(f"{data_dir}: no PDB/mmCIF files ({', '.join(STRUCTURE_SUFFIXES)}, optionally .gz) and no index.jsonl")
+    chains = []
+    for file in files:
+        for c in iter_chains([file], max_length=max_length or None):  # unusable chains are skipped
+            if _enough_backbone(c):
+                chains.append(_chain_record(f"{file.relative_to(data_dir)}/{c.chain_id}", c, all_atom))
+        if max_chains and len(chains) >= max_chains:
+            chains = chains[:max_chains]
+            break
+    if not chains:
+        raise ValueError(f"{data_dir}: none of its {len(files)} structure files has a usable protein chain"
+                         + (f" of at most {max_length} residues" if max_length else ""))
     return chains
 
 
@@ -86,10 +129,12 @@ def crop(chain: Chain, length: int, rng: np.random.Generator) -> Chain:
 
 
 def batches(chains: list[Chain], batch_size: int, length: int, seed: int, start_step: int = 0) -> Iterator[dict]:
-    """Endless random crops; batch i depends only on (seed, i), so a resumed run sees the same data."""
+    """Endless random crops; batch i depends only on (seed, i), so a resumed run sees the same data.
+    A batch holds distinct chains when there are enough of them (with as many chains as rows,
+    every batch holds every chain once)."""
     step = start_step
     while True:
         rng = np.random.default_rng([seed, step])
-        picks = rng.integers(0, len(chains), batch_size)
+        picks = rng.choice(len(chains), batch_size, replace=batch_size > len(chains))
         yield pad_chains([crop(chains[i], length, rng) for i in picks], length)
         step += 1

@@ -150,6 +150,8 @@ def backbone_fape_loss(pred_rot, pred_trans, pred_BxLx3x3, true_BxLx3x3, mask_Bx
     Not one of the paper's stage-1 losses (an addition, off by default). Distances are blind to
     a mirror image and the direction loss pins chirality only weakly, so a decoder trained on
     them folds a share of chains as their mirror image; frames are proper rotations, so FAPE is not.
+    Clamped, it has no gradient for pairs off by more than `clamp`: early in training that is
+    every non-local pair, so the global fold's handedness is left to the other losses.
     """
     true = _zero_missing(true_BxLx3x3, mask_BxL)
     true_rot, true_trans = _frames_from_backbone(true)
@@ -162,11 +164,19 @@ def backbone_fape_loss(pred_rot, pred_trans, pred_BxLx3x3, true_BxLx3x3, mask_Bx
     return masked_mean(jnp.minimum(err, clamp), jnp.broadcast_to(pair, err.shape)) / 10.0
 
 
-def pae_loss(logits_BxLxLx64, pred_rot, pred_trans, true_BxLx3x3, mask_BxL):
-    """CE on the binned aligned error: residue j's CA seen from residue i's frame, pred vs true."""
+def squared_aligned_error(pred_rot, pred_trans, true_BxLx3x3, mask_BxL):
+    """(B, L, L) squared aligned error (Å^2): residue j's CA seen from residue i's frame, the
+    prediction's (its own rot, trans) against the truth's (frames from its backbone). The pAE
+    head's target; no gradient reaches the prediction."""
     true_rot, true_trans = _frames_from_backbone(_zero_missing(true_BxLx3x3, mask_BxL))
     local = lambda rot, t: _points_in_frames(rot, t, t)
-    sq = jnp.sum((local(jax.lax.stop_gradient(pred_rot), jax.lax.stop_gradient(pred_trans)) - local(true_rot, true_trans)) ** 2, -1)
+    pred_local = local(jax.lax.stop_gradient(pred_rot), jax.lax.stop_gradient(pred_trans))
+    return jnp.sum((pred_local - local(true_rot, true_trans)) ** 2, -1)
+
+
+def pae_loss(logits_BxLxLx64, pred_rot, pred_trans, true_BxLx3x3, mask_BxL):
+    """CE on the binned aligned error (squared_aligned_error)."""
+    sq = squared_aligned_error(pred_rot, pred_trans, true_BxLx3x3, mask_BxL)
     sq_edges = jnp.linspace(0.0, MAX_PAE_BIN, logits_BxLxLx64.shape[-1] - 1) ** 2
     target = jnp.sum(sq[..., None] > sq_edges, axis=-1)
     return masked_mean(_cross_entropy(logits_BxLxLx64, target), mask_BxL[:, :, None] & mask_BxL[:, None, :])
@@ -255,20 +265,26 @@ def torsion_loss(pred_BxLx7x2, true_BxLx7x2, alt_BxLx7x2, mask_BxLx7, residue_ma
 
 
 def structure_losses(out: dict, batch: dict, t: VQVAETrainSettings) -> dict[str, jnp.ndarray]:
+    """The weighted losses of one batch and their sum ("total"). A loss whose weight is 0 is not
+    computed at all: the pairwise head's logits then drop out of the compiled step, which is
+    most of a small decoder's cost (configs/vqvae_overfit.yaml turns the binned losses off)."""
     true, mask, weights = batch["coords"], batch["has_structure"], t.loss_weights
     pred = out["backbone"]
-    losses = {
-        "distance": backbone_distance_loss(pred, true, mask, t.distance_clamp),
-        "direction": backbone_direction_loss(pred, true, mask, t.direction_clamp),
-        "distogram": distogram_loss(out["distogram_logits"], true, mask),
-        "direction_bins": direction_classification_loss(out["direction_logits"], true, mask),
-    }
+    losses = {}
+    if weights.distance:
+        losses["distance"] = backbone_distance_loss(pred, true, mask, t.distance_clamp)
+    if weights.direction:
+        losses["direction"] = backbone_direction_loss(pred, true, mask, t.direction_clamp)
+    if weights.distogram:
+        losses["distogram"] = distogram_loss(out["distogram_logits"], true, mask)
+    if weights.direction_bins:
+        losses["direction_bins"] = direction_classification_loss(out["direction_logits"], true, mask)
     if "sequence_logits" in out:
         losses["inverse_folding"] = inverse_folding_loss(out["sequence_logits"], batch["aa"], mask)
     if "commitment" in out:
         losses["commitment"] = out["commitment"]
     if weights.fape:
-        losses["fape"] = backbone_fape_loss(out["rot"], out["trans"], pred, true, mask)
+        losses["fape"] = backbone_fape_loss(out["rot"], out["trans"], pred, true, mask, t.fape_clamp)
     if weights.plddt:
         losses["plddt"] = plddt_loss(out["plddt_logits"], pred, true, mask)
     if weights.pae:

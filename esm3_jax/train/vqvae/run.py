@@ -19,8 +19,11 @@ from esm3_jax.config import to_dict
 from esm3_jax.train.checkpoint import Checkpointer
 from esm3_jax.train.vqvae.config import VQVAEConfig, load_vqvae_config
 from esm3_jax.train.vqvae.data import SHARED_STRUCTURES_DIR, batches, load_split
-from esm3_jax.train.vqvae.evaluate import evaluate, evaluate_run
+from esm3_jax.train.vqvae.evaluate import eval_chains, evaluate, evaluate_run
 from esm3_jax.train.vqvae.stages import Stage2, _has_structure, _stage1
+
+
+_MAX_PRINTED_CHAINS = 16
 
 
 def train(cfg: VQVAEConfig, progress: bool = True) -> dict[str, Any]:
@@ -28,9 +31,9 @@ def train(cfg: VQVAEConfig, progress: bool = True) -> dict[str, Any]:
     data_dir = Path(t.data_dir) if t.data_dir else SHARED_STRUCTURES_DIR
     out_dir = Path(t.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    all_atom = cfg.decoder.all_atom
-    train_chains = load_split(data_dir, "train", t.max_train_chains, all_atom)
-    valid_chains = load_split(data_dir, "valid", t.max_valid_chains, all_atom)
+    train_chains = load_split(data_dir, "train", t.max_train_chains, cfg.decoder.all_atom, t.max_chain_length)
+    # Loaded up front, so that a missing split fails before training, not after it.
+    scored_chains = eval_chains(cfg, t.eval_split)
 
     trainer = _stage1(cfg) if t.stage == 1 else Stage2(cfg)
     ckpt = Checkpointer(out_dir / "checkpoints", keep=2, async_save=False)
@@ -67,7 +70,7 @@ def train(cfg: VQVAEConfig, progress: bool = True) -> dict[str, Any]:
                     writer.writeheader()
             writer.writerow(row)
             fh.flush()
-            bar.set_postfix(loss=f"{row['total']:.3f}", dist=f"{row['distance']:.2f}")
+            bar.set_postfix(loss=f"{row['total']:.3f}")
         if done % t.checkpoint_every == 0 or done == t.steps:
             ckpt.save(done, state, None, to_dict(cfg))
         bar.update(1)
@@ -76,8 +79,9 @@ def train(cfg: VQVAEConfig, progress: bool = True) -> dict[str, Any]:
     if fh is not None:
         fh.close()
     enc_dir, dec_dir = trainer.export(state, out_dir)
-    result = evaluate(enc_dir, dec_dir, valid_chains, t.eval_max_length)
-    result.update(steps=t.steps, train_chains=len(train_chains), train_seconds=round(time.time() - t0, 1))
+    train_seconds = round(time.time() - t0, 1)
+    result = evaluate(enc_dir, dec_dir, scored_chains, t.eval_max_length)
+    result.update(split=t.eval_split, steps=t.steps, train_chains=len(train_chains), train_seconds=train_seconds)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -89,14 +93,24 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-only", action="store_true",
                    help="no training: evaluate the run's exported encoder/ and decoder/ on the valid split "
                         "(e.g. with train.eval_max_length=96 for crops of the training length)")
-    p.add_argument("--split", default="valid", choices=("valid", "train"),
-                   help="--eval-only: the split to evaluate (train.max_valid_chains caps its size)")
+    p.add_argument("--split", default=None, choices=("valid", "train"),
+                   help="--eval-only: the split to evaluate (default train.eval_split; train.max_valid_chains caps its size)")
+    p.add_argument("--data", default=None,
+                   help="structure folder to train on (sets train.data_dir): one with the shared index.jsonl, or any "
+                        "folder of PDB/mmCIF files, whose chains all count as training chains")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    if args.split != "valid" and not args.eval_only:
-        raise ValueError("--split chooses what --eval-only evaluates; training always evaluates on valid")
-    cfg = load_vqvae_config(args.config, args.overrides)
+    if args.split is not None and not args.eval_only:
+        raise ValueError("--split chooses what --eval-only evaluates; training evaluates train.eval_split")
+    overrides = list(args.overrides)
+    if args.data is not None:
+        if not Path(args.data).is_dir():
+            raise FileNotFoundError(f"{args.data}: --data must be a folder of structure files")
+        overrides.append(f"train.data_dir={args.data}")
+    cfg = load_vqvae_config(args.config, overrides)
     result = evaluate_run(cfg, args.split) if args.eval_only else train(cfg, progress=not args.no_progress)
+    if len(result["per_chain"]) > _MAX_PRINTED_CHAINS:  # eval.json keeps them all
+        result = {k: v for k, v in result.items() if k != "per_chain"}
     print(json.dumps(result, indent=2))
     return 0
