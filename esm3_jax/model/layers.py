@@ -62,11 +62,11 @@ def dense(x: jnp.ndarray, w: jnp.ndarray, n_in: int = 1) -> jnp.ndarray:
 
 
 # Low-rank adapters (LoRA, Hu et al. 2021) for fine-tuning. They live in the model, beside the
-# kernels they adapt, rather than as a reparameterisation of the parameter tree in train/: the
-# forward pass adds scale * (x @ A) @ B, a rank-r detour, so the backward never forms a full-size
-# gradient or a merged copy of any frozen kernel, and the adapters are ordinary parameters of the
-# block that nn.scan stacks and nn.remat recomputes like the rest, with logical axis names for
-# sharding. The model only knows their shapes; which parameters train is the optimizer's business
+# kernels they adapt, rather than as a reparameterisation of the parameter tree in train/ (which
+# would merge W + scale * A @ B for every kernel of the model before each forward): the forward
+# adds scale * (x @ A) @ B, a rank-r detour, so no merged copy of a kernel is ever made, and the
+# adapters are ordinary parameters of the block that nn.scan stacks and nn.remat recomputes like
+# the rest, with logical axis names for sharding. The model only knows their shapes; which parameters train is the optimizer's business
 # (train/optim.py), so the model still imports nothing from training.
 LORA_TARGETS = ("attn/qkv", "attn/out", "ffn/up", "ffn/down")
 LORA_A, LORA_B = "_lora_a", "_lora_b"  # parameter-name suffixes: qkv_lora_a, qkv_lora_b, ...
