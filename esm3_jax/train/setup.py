@@ -82,7 +82,8 @@ class TrainSetup:
         """The jitted `(state, batch) -> (state, metrics)`, state donated."""
         tc = self.cfg.train
         step_fn = step_lib.make_train_step(self.model, self.tx, loss_weights=tc.loss_weights.as_dict(),
-                                           grad_accum_steps=tc.grad_accum_steps, mesh=self.mesh, rules=self.rules)
+                                           grad_accum_steps=tc.grad_accum_steps, mesh=self.mesh, rules=self.rules,
+                                           trainable=tc.trainable_patterns)
         return step_lib.jit_train_step(step_fn, self.state_shardings, batch_shardings, self.mesh, self.rules,
                                        cpu_matmul=tc.cpu_matmul)
 
