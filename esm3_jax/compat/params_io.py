@@ -21,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
+from esm3_jax.model.lora import merge_adapters
+
 META_FILE = "esm3_jax.yaml"
 # The kinds of model a params checkpoint can hold (its esm3_jax.yaml says which).
 ESM3_KIND, ENCODER_KIND, DECODER_KIND = "esm3", "structure-encoder", "structure-decoder"
@@ -86,7 +88,12 @@ def params_source(directory: str | Path) -> tuple[str, dict, dict]:
                     config = mngr.restore(steps[-1], args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
             finally:
                 mngr.close()
-            return ESM3_KIND, config["model"], {"run_dir": ckpt_dir.absolute(), "step": steps[-1]}
+            where = {"run_dir": ckpt_dir.absolute(), "step": steps[-1]}
+            train = config.get("train") or {}
+            if train.get("lora_rank"):
+                # A LoRA run: its parameters are the base kernels and their adapters.
+                where["lora_alpha"] = float(train.get("lora_alpha", 16.0))
+            return ESM3_KIND, config["model"], where
     raise FileNotFoundError(
         f"{directory}: not an esm3-jax checkpoint (no {META_FILE}); make one with `esm3-jax convert` "
         "or point at a training run's output_dir or checkpoints/ folder"
@@ -100,7 +107,17 @@ def restore_params(where: dict, target: Any = None) -> Any:
     target a tree of jax.ShapeDtypeStruct with shardings: each array is read straight into that
     layout, each process reading only its own shards, whatever mesh (or device count) saved it;
     of a training run's state only the parameters are read, not the optimizer's moments.
+    A LoRA run's parameters come back with the adapters merged: W + (alpha / rank) A @ B.
     """
+    if "lora_alpha" in where:
+        # A LoRA run's adapters are merged into their kernels on the host (the plain model's
+        # tree, what every reader of parameters expects), then placed shard by shard.
+        host = merge_adapters(restore_params({k: v for k, v in where.items() if k != "lora_alpha"}),
+                              where["lora_alpha"])
+        if target is None:
+            return host
+        return jax.tree.map(lambda a, t: jax.make_array_from_callback(
+            t.shape, t.sharding, lambda idx: np.asarray(a[idx], t.dtype)), host, target)
     to_host = target is None
     with _quiet_reads():
         if "params_dir" in where:

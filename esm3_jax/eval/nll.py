@@ -315,6 +315,7 @@ def load(checkpoint: str, data_dir: str, config: str | None, overrides: list[str
         raw["data"]["seed"] = seed
         raw["train"]["init_from"] = ""
         raw["train"]["trainable"] = []
+        raw["train"]["lora_rank"] = 0  # a LoRA run's adapters are merged into the kernels on load
         cfg = validated(from_dict(Config, raw, f"{ck} + {config or DEFAULT_CONFIG}"), str(ck))
     except ConfigError as e:
         raise ValueError(f"--checkpoint {ck}: its model config does not fit: {e}") from e

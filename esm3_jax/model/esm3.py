@@ -17,7 +17,7 @@ from esm3_jax import tokens as T
 from esm3_jax.batch import TRACK_KEYS
 from esm3_jax.model.config import ModelConfig
 from esm3_jax.model.frames import backbone_frames
-from esm3_jax.model.layers import BATCH, EMBED, LENGTH, LayerNorm, RegressionHead, constrain, param
+from esm3_jax.model.layers import BATCH, EMBED, LENGTH, LayerNorm, LoraSpec, RegressionHead, constrain, param
 from esm3_jax.model.transformer import Trunk
 
 # Output heads: name -> number of logits (the function head's 2080 = 8 x 260 is reshaped).
@@ -133,9 +133,13 @@ class EncodeInputs(nn.Module):
 
 
 class ESM3(nn.Module):
-    """ESM3. Call with the reference forward's keyword arguments; any may be absent (None)."""
+    """ESM3. Call with the reference forward's keyword arguments; any may be absent (None).
+
+    `lora`: low-rank adapters on every block's attention and FFN kernels, for fine-tuning; the
+    weights' shapes are still `config`'s (a checkpoint's model config is the same either way)."""
 
     config: ModelConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(
@@ -178,7 +182,7 @@ class ESM3(nn.Module):
         mask_BxLxL = None if seq_id is None else seq_id[:, :, None] == seq_id[:, None, :]
         geom_seq_id = jnp.zeros_like(x["chain_id"]) if seq_id is None else seq_id
         geom = (rot, trans, frame_mask, geom_seq_id, x["chain_id"])
-        h_BxLxD = Trunk(cfg, name="trunk")(h_BxLxD, mask_BxLxL, geom, seq_id)
+        h_BxLxD = Trunk(cfg, self.lora, name="trunk")(h_BxLxD, mask_BxLxL, geom, seq_id)
 
         embeddings = h_BxLxD
         normed = LayerNorm(use_bias=False, dtype=cfg.dtype, name="final_norm")(h_BxLxD)

@@ -7,6 +7,7 @@ fp32 LayerNorm statistics and fp32 softmax.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -58,6 +59,58 @@ def dense(x: jnp.ndarray, w: jnp.ndarray, n_in: int = 1) -> jnp.ndarray:
     lead = x.shape[: x.ndim - n_in]
     y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), math.prod(out_shape))
     return y.reshape(*lead, *out_shape)
+
+
+# Low-rank adapters (LoRA, Hu et al. 2021) for fine-tuning. They live in the model, beside the
+# kernels they adapt, rather than as a reparameterisation of the parameter tree in train/ (which
+# would merge W + scale * A @ B for every kernel of the model before each forward): the forward
+# adds scale * (x @ A) @ B, a rank-r detour, so no merged copy of a kernel is ever made, and the
+# adapters are ordinary parameters of the block that nn.scan stacks and nn.remat recomputes like
+# the rest, with logical axis names for sharding. The model only knows their shapes; which parameters train is the optimizer's business
+# (train/optim.py), so the model still imports nothing from training.
+LORA_TARGETS = ("attn/qkv", "attn/out", "ffn/up", "ffn/down")
+LORA_A, LORA_B = "_lora_a", "_lora_b"  # parameter-name suffixes: qkv_lora_a, qkv_lora_b, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Adapters W + (alpha / rank) A @ B on the `targets` kernels of every transformer block:
+    A (*in, rank) random (variance 1/fan_in), B (rank, *out) zero, so a fresh adapter changes
+    nothing and step 0 computes exactly the base model."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def lora_adapter(module: nn.Module, lora: LoraSpec | None, target: str, name: str,
+                 in_shape: Sequence[int], in_axes: Sequence[str | None],
+                 out_shape: Sequence[int], out_axes: Sequence[str | None]):
+    """(A, B) of the adapter on kernel `name` (shape in_shape + out_shape), or None when `lora`
+    does not adapt `target`. The rank axis is never sharded; the others carry the kernel's names."""
+    if lora is None or target not in lora.targets:
+        return None
+    r = lora.rank
+    a = param(module, name + LORA_A, (*in_shape, r), (*in_axes, None), fan_in_init(len(in_shape)))
+    b = param(module, name + LORA_B, (r, *out_shape), (None, *out_axes), nn.initializers.zeros)
+    return a, b
+
+
+def lora_down(x: jnp.ndarray, adapter, dtype, n_in: int = 1) -> jnp.ndarray | None:
+    """x @ A: the (..., rank) input of the adapter's up-projection(s)."""
+    return None if adapter is None else dense(x.astype(dtype), adapter[0].astype(dtype), n_in)
+
+
+def lora_up(y: jnp.ndarray, u: jnp.ndarray | None, adapter, lora: LoraSpec | None, dtype, index=None) -> jnp.ndarray:
+    """y + scale * u @ B (B[:, index] when the kernel is used in slices, as qkv and up are)."""
+    if u is None:
+        return y
+    b = adapter[1] if index is None else adapter[1][:, index]
+    return y + (dense(u, b.astype(dtype)) * jnp.asarray(lora.scale, dtype)).astype(y.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -242,23 +295,30 @@ class MultiHeadAttention(nn.Module):
     n_heads: int
     dtype: Dtype = jnp.float32
     implementation: str = "xla"
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL=None):
         H, K = self.n_heads, self.d_model // self.n_heads
         y = LayerNorm(dtype=self.dtype, name="norm")(x_BxLxD)
         w_qkv = param(self, "qkv", (self.d_model, 3, H, K), (EMBED, None, "heads", "kv"), fan_in_init())
+        qkv_lora = lora_adapter(self, self.lora, "attn/qkv", "qkv", (self.d_model,), (EMBED,),
+                                (3, H, K), (None, "heads", "kv"))
+        u_qkv = lora_down(y, qkv_lora, self.dtype)
         # One matmul per projection on slices of the weight, not one wide matmul sliced after:
         # the backward pass of slicing the (B, L, 3, H, K) activation sums three zero-padded
         # copies of it, a full extra pass over the largest tensor of the sublayer.
-        q, k, v = (dense(y, w_qkv[:, t].astype(self.dtype)) for t in range(3))
+        q, k, v = (lora_up(dense(y, w_qkv[:, t].astype(self.dtype)), u_qkv, qkv_lora, self.lora, self.dtype, t)
+                   for t in range(3))
         # QK-LayerNorm normalises the whole d_model-wide vector, not each head (the reference's choice).
         q = LayerNorm(("heads", "kv"), use_bias=False, dtype=self.dtype, name="q_norm")(q)
         k = LayerNorm(("heads", "kv"), use_bias=False, dtype=self.dtype, name="k_norm")(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = dot_product_attention(q, k, v, mask_BxLxL, self.implementation, segment_ids_BxL)
         w_out = param(self, "out", (H, K, self.d_model), ("heads", "kv", EMBED), fan_in_init(2))
-        return dense(o, w_out.astype(self.dtype), n_in=2)
+        out_lora = lora_adapter(self, self.lora, "attn/out", "out", (H, K), ("heads", "kv"), (self.d_model,), (EMBED,))
+        return lora_up(dense(o, w_out.astype(self.dtype), n_in=2), lora_down(o, out_lora, self.dtype, n_in=2),
+                       out_lora, self.lora, self.dtype)
 
 
 @jax.custom_vjp
@@ -296,22 +356,27 @@ class SwiGLU(nn.Module):
     hidden: int
     use_bias: bool = False
     dtype: Dtype = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD):
         y = LayerNorm(dtype=self.dtype, name="norm")(x_BxLxD)
         # Stored as (d, 2, h) so that sharding the hidden axis keeps gate and value together.
         w_up = param(self, "up", (self.d_model, 2, self.hidden), (EMBED, None, "mlp"), fan_in_init())
+        up_lora = lora_adapter(self, self.lora, "ffn/up", "up", (self.d_model,), (EMBED,), (2, self.hidden), (None, "mlp"))
+        u_up = lora_down(y, up_lora, self.dtype)
         # Gate and value as two matmuls on weight slices (see MultiHeadAttention: slicing one wide
         # activation costs an extra full pass in the backward).
-        gate, up = (dense(y, w_up[:, t].astype(self.dtype)) for t in range(2))
+        gate, up = (lora_up(dense(y, w_up[:, t].astype(self.dtype)), u_up, up_lora, self.lora, self.dtype, t)
+                    for t in range(2))
         if self.use_bias:
             b_up = param(self, "up_bias", (2, self.hidden), (None, "mlp"), nn.initializers.zeros).astype(self.dtype)
             gate, up = gate + b_up[0], up + b_up[1]
         h = swiglu(gate, up)
         h = constrain(h, (BATCH, LENGTH, "mlp"))
         w_down = param(self, "down", (self.hidden, self.d_model), ("mlp", EMBED), fan_in_init())
-        out = dense(h, w_down.astype(self.dtype))
+        down_lora = lora_adapter(self, self.lora, "ffn/down", "down", (self.hidden,), ("mlp",), (self.d_model,), (EMBED,))
+        out = lora_up(dense(h, w_down.astype(self.dtype)), lora_down(h, down_lora, self.dtype), down_lora, self.lora, self.dtype)
         if self.use_bias:
             out = out + param(self, "down_bias", (self.d_model,), (EMBED,), nn.initializers.zeros).astype(self.dtype)
         return out

@@ -9,7 +9,7 @@ import jax
 
 from esm3_jax.model.config import ModelConfig
 from esm3_jax.model.geom_attention import GeometricAttention
-from esm3_jax.model.layers import BATCH, EMBED, LENGTH, MultiHeadAttention, SwiGLU, constrain, rotary_cos_sin
+from esm3_jax.model.layers import BATCH, EMBED, LENGTH, LoraSpec, MultiHeadAttention, SwiGLU, constrain, rotary_cos_sin
 
 REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -22,6 +22,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     use_geom: bool = False
+    lora: LoraSpec | None = None  # adapters on the attention and FFN kernels (layers.LoraSpec)
 
     @nn.compact
     def __call__(self, x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL=None, geom=None):
@@ -29,7 +30,7 @@ class Block(nn.Module):
         dt = cfg.dtype
         s = cfg.residual_scale
         x_BxLxD = constrain(x_BxLxD, (BATCH, LENGTH, EMBED))
-        a = MultiHeadAttention(cfg.d_model, cfg.n_heads, dt, cfg.attention, name="attn")(
+        a = MultiHeadAttention(cfg.d_model, cfg.n_heads, dt, cfg.attention, self.lora, name="attn")(
             x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL
         )
         x_BxLxD = x_BxLxD + a.astype(x_BxLxD.dtype) / s
@@ -39,7 +40,7 @@ class Block(nn.Module):
                 x_BxLxD, *geom
             )
             x_BxLxD = x_BxLxD + g.astype(x_BxLxD.dtype) / s
-        f = SwiGLU(cfg.d_model, cfg.ffn_hidden, dtype=dt, name="ffn")(x_BxLxD)
+        f = SwiGLU(cfg.d_model, cfg.ffn_hidden, dtype=dt, lora=self.lora, name="ffn")(x_BxLxD)
         return x_BxLxD + f.astype(x_BxLxD.dtype) / s
 
 
@@ -47,19 +48,21 @@ class _ScanBody(nn.Module):
     """A plain block with the (carry, broadcast args) -> (carry, out) signature nn.scan wants."""
 
     config: ModelConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x, mask_BxLxL, cos, sin, segment_ids_BxL):
         block = Block
         if self.config.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
-        return block(self.config, name="block")(x, mask_BxLxL, cos, sin, segment_ids_BxL), None
+        return block(self.config, lora=self.lora, name="block")(x, mask_BxLxL, cos, sin, segment_ids_BxL), None
 
 
 class Trunk(nn.Module):
     """Geometric blocks first (unscanned), then the plain blocks, scanned or unrolled."""
 
     config: ModelConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD, mask_BxLxL, geom, segment_ids_BxL=None):
@@ -71,7 +74,7 @@ class Trunk(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=())
         for i in range(cfg.n_layers_geom):
-            x_BxLxD = block(cfg, use_geom=True, name=f"geom_block_{i}")(
+            x_BxLxD = block(cfg, use_geom=True, lora=self.lora, name=f"geom_block_{i}")(
                 x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL, geom
             )
         n_plain = cfg.n_layers - cfg.n_layers_geom
@@ -84,8 +87,8 @@ class Trunk(nn.Module):
                 length=n_plain,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxLxD, _ = stack(cfg, name="blocks")(x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL)
+            x_BxLxD, _ = stack(cfg, self.lora, name="blocks")(x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL)
         else:
             for i in range(n_plain):
-                x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL)
+                x_BxLxD = block(cfg, lora=self.lora, name=f"block_{i}")(x_BxLxD, mask_BxLxL, cos, sin, segment_ids_BxL)
         return x_BxLxD

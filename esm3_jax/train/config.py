@@ -12,6 +12,7 @@ from esm3_jax.batch import TRACKS
 from esm3_jax.config import load_config_file
 from esm3_jax.data.config import DataConfig, DatasetSpec
 from esm3_jax.model.config import ModelConfig
+from esm3_jax.model.layers import LORA_A, LORA_B, LORA_TARGETS, LoraSpec
 from esm3_jax.runtime import cpu_matmul
 
 
@@ -87,9 +88,26 @@ class TrainConfig:
     # trunk/geom_block_0/geom_attn/proj or sequence_head/out): only matching parameters train,
     # the rest are frozen with no optimizer state. Empty: everything trains.
     trainable: tuple[str, ...] = ()
+    # LoRA: lora_rank > 0 adds adapters W + (lora_alpha / lora_rank) A @ B beside the kernels named
+    # in lora_targets (of every block; A random, B zero, so step 0 is the base model) and trains
+    # them alone, plus whatever train.trainable names (e.g. the heads); the base kernels are frozen
+    # with no optimizer state. Checkpoints hold the adapters; every verb that reads the run's
+    # parameters (generate, evaluate, forward, convert --export) gets them merged into the kernels.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
     wandb_project: str = "esm3-jax"
     progress_bar: bool = True
+
+    def lora_spec(self) -> LoraSpec | None:
+        return LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)) if self.lora_rank else None
+
+    @property
+    def trainable_patterns(self) -> tuple[str, ...]:
+        """What trains (train/optim.py's trainable_mask): train.trainable, and with LoRA the
+        adapters as well; empty: everything."""
+        return self.trainable + ((f"({LORA_A}|{LORA_B})$",) if self.lora_rank else ())
 
     @property
     def checkpoint_dir(self) -> str:
@@ -125,6 +143,14 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.eps <= 0:
             raise ValueError(f"train.eps must be positive, got {self.eps}")
+        if self.lora_rank < 0:
+            raise ValueError(f"train.lora_rank must be >= 0 (0: no adapters), got {self.lora_rank}")
+        if self.lora_rank:
+            if self.lora_alpha <= 0:
+                raise ValueError(f"train.lora_alpha must be positive, got {self.lora_alpha}")
+            unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+            if unknown or not self.lora_targets:
+                raise ValueError(f"train.lora_targets: {unknown or 'empty'}; choose among {list(LORA_TARGETS)}")
         for key in ("no_decay_patterns", "trainable"):
             for pattern in getattr(self, key):
                 try:

@@ -146,7 +146,9 @@ def train(
 def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_process) -> RunResult:
     tc = cfg.train
     run = setup_training(cfg, devices)
-    trainable = "" if not tc.trainable else f" ({run.trainable_count:,} trainable, the rest frozen)"
+    trainable = "" if not tc.trainable_patterns else f" ({run.trainable_count:,} trainable, the rest frozen)"
+    if tc.lora_rank:
+        trainable += f"; LoRA rank {tc.lora_rank}, alpha {tc.lora_alpha:g} on {', '.join(tc.lora_targets)}"
     say(f"esm3-jax train: {run.param_count:,} parameters{trainable}; mesh {shd.mesh_summary(run.mesh)}; "
         f"batch {cfg.data.batch_size} x {cfg.data.max_length} tokens; {tc.steps} steps; "
         f"host allocator {allocator.active()}")
@@ -282,6 +284,14 @@ def _check_same_model(ckpt: Checkpointer, cfg_dict: dict) -> None:
             f"{ckpt.directory} holds checkpoints of a different model (saved vs now: {diff}); "
             "choose another train.output_dir, or train.resume=false to start over there"
         )
+    # The adapters are part of the saved parameters: a run resumes under its own LoRA settings.
+    lora = lambda train: ((train.get("lora_rank", 0), train.get("lora_alpha"), list(train.get("lora_targets", ())))
+                          if train.get("lora_rank") else (0,))
+    if saved is not None and lora(saved.get("train", {})) != lora(cfg_dict["train"]):
+        raise ConfigError(
+            f"{ckpt.directory} holds checkpoints of another LoRA setting (saved (rank, alpha, targets) "
+            f"{lora(saved.get('train', {}))} vs now {lora(cfg_dict['train'])}); choose another "
+            "train.output_dir, or train.resume=false to start over there")
 
 
 def _postfix(step: int, m: dict[str, float]) -> str:

@@ -51,7 +51,7 @@ def trainable_mask(params, patterns: tuple[str, ...]):
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """The full update rule. Gradient accumulation is done by the train step, not here.
 
-    With train.trainable set, the rule runs on the trainable parameters only: optax.multi_transform
+    With train.trainable or train.lora_rank set, the rule runs on the trainable parameters only: optax.multi_transform
     hands them to clip + AdamW (so the clipping norm is theirs alone) and the frozen ones to
     set_to_zero, and builds the inner state on a tree where frozen leaves are empty nodes, so no
     Adam moments are allocated for them; their update is exactly 0, leaving them bit-identical.
@@ -70,8 +70,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         )
     )
     update = optax.chain(*parts)
-    if not cfg.trainable:
+    patterns = cfg.trainable_patterns  # train.trainable, plus the LoRA adapters
+    if not patterns:
         return update  # the state layout of every run before train.trainable existed
     labels = lambda params: jax.tree.map(lambda t: "trainable" if t else "frozen",
-                                         trainable_mask(params, cfg.trainable))
+                                         trainable_mask(params, patterns))
     return optax.multi_transform({"trainable": update, "frozen": optax.set_to_zero()}, labels)

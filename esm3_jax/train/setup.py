@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from esm3_jax.model import lora
 from esm3_jax.model.esm3 import ESM3
 from esm3_jax.train import evaluate, finetune, optim
 from esm3_jax.train import sharding as shd
@@ -41,8 +42,8 @@ class TrainSetup:
 
     @property
     def trainable_count(self) -> int:
-        """Parameters the optimizer updates (all of them unless train.trainable is set)."""
-        mask = optim.trainable_mask(self.abstract_state.params, self.cfg.train.trainable)
+        """Parameters the optimizer updates (all of them unless train.trainable or LoRA is set)."""
+        mask = optim.trainable_mask(self.abstract_state.params, self.cfg.train.trainable_patterns)
         return int(sum(np.prod(p.shape) for p, t in zip(jax.tree.leaves(self.abstract_state.params),
                                                         jax.tree.leaves(mask)) if t))
 
@@ -57,8 +58,15 @@ class TrainSetup:
         if not tc.init_from:
             return self.fresh_state()
         target = state_lib.abstract_with_shardings(self.abstract_state.params, self.state_shardings.params)
-        params = finetune.load_initial_params(tc.init_from, self.cfg.model, target)
-        return state_lib.state_from_params(params, self.tx, tc.seed, self.state_shardings)
+        if not tc.lora_rank:
+            params = finetune.load_initial_params(tc.init_from, self.cfg.model, target)
+            return state_lib.state_from_params(params, self.tx, tc.seed, self.state_shardings)
+        # LoRA: the checkpoint holds the base weights; the adapters are new, from train.seed.
+        base_target, adapter_target = lora.split_adapters(target)
+        base = finetune.load_initial_params(tc.init_from, self.cfg.model, base_target)
+        adapters = state_lib.create_params(self.model, tc.seed, jax.tree.map(lambda t: t.sharding, adapter_target),
+                                           select=lambda p: lora.split_adapters(p)[1])
+        return state_lib.state_from_params(lora.join_adapters(base, adapters), self.tx, tc.seed, self.state_shardings)
 
     def restore_target(self) -> dict[str, Any]:
         """What a checkpoint restore is asked for: the state's shapes with their shardings."""
@@ -74,7 +82,8 @@ class TrainSetup:
         """The jitted `(state, batch) -> (state, metrics)`, state donated."""
         tc = self.cfg.train
         step_fn = step_lib.make_train_step(self.model, self.tx, loss_weights=tc.loss_weights.as_dict(),
-                                           grad_accum_steps=tc.grad_accum_steps, mesh=self.mesh, rules=self.rules)
+                                           grad_accum_steps=tc.grad_accum_steps, mesh=self.mesh, rules=self.rules,
+                                           trainable=tc.trainable_patterns)
         return step_lib.jit_train_step(step_fn, self.state_shardings, batch_shardings, self.mesh, self.rules,
                                        cpu_matmul=tc.cpu_matmul)
 
@@ -88,12 +97,12 @@ def setup_training(cfg: Config, devices: list) -> TrainSetup:
     """Build the chain for `cfg` on `devices` (shapes only: no parameter is allocated here)."""
     mesh = shd.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rules.as_flax_rules()
-    model = ESM3(cfg.model)
+    model = ESM3(cfg.model, lora=cfg.train.lora_spec())
     tx = optim.make_optimizer(cfg.train)
     abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules)
     # A pattern that selects nothing is a typo that would silently freeze the whole model: fail
     # here, before anything is compiled (aot and bench check it too).
-    finetune.validate_trainable(cfg.train.trainable, [optim.param_path(p) for p, _ in
+    finetune.validate_trainable(cfg.train.trainable_patterns, [optim.param_path(p) for p, _ in
                                                       jax.tree_util.tree_leaves_with_path(abstract.params)])
     return TrainSetup(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, abstract_state=abstract,
                       state_shardings=shardings)

@@ -65,6 +65,20 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, 
     return init(jax.random.PRNGKey(seed))
 
 
+def create_params(model: nn.Module, seed: int, shardings, select=lambda params: params):
+    """`select` of a fresh model's parameters (the same init as `create_state` from `seed`), each
+    array created in its sharded layout; parameters `select` drops are never computed."""
+
+    if getattr(getattr(model, "config", None), "attention", "xla") != "xla":  # as _init_boxed
+        model = model.clone(config=dataclasses.replace(model.config, attention="xla"))
+
+    def init(r):
+        init_rng, _ = jax.random.split(r)
+        return select(nn.unbox(model.init(init_rng, **example_inputs(1, 8))["params"]))
+
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
 def state_from_params(params, tx: optax.GradientTransformation, seed: int, shardings) -> TrainState:
     """A step-0 state around existing (sharded) parameters: a fresh optimizer state, and the same
     step RNG a fresh state from `seed` gets. The moments are created in their sharded layout."""

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from esm3_jax.runtime import cpu_matmul as cpu_matmul_lib
 from esm3_jax.train import loss as loss_lib
+from esm3_jax.train import optim
 from esm3_jax.train import sharding as shd
 from esm3_jax.batch import INPUT_KEYS
 from esm3_jax.train.state import TrainState
@@ -43,39 +44,51 @@ def _split_microbatches(batch: Mapping[str, jax.Array], n: int, mesh: Mesh, rule
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, loss_weights: Mapping[str, float],
-                    grad_accum_steps: int, mesh: Mesh, rules) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The un-jitted train step `(state, batch) -> (state, metrics)`; see `jit_train_step`."""
-    weights = dict(loss_weights)
+                    grad_accum_steps: int, mesh: Mesh, rules,
+                    trainable: tuple[str, ...] = ()) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The un-jitted train step `(state, batch) -> (state, metrics)`; see `jit_train_step`.
 
-    def loss_fn(params, microbatch, counts, rng):
+    trainable: the run's train.trainable_patterns. Only the parameters they select are
+    differentiated: a frozen kernel then costs no weight-gradient matmul and no full-size
+    gradient buffer (its gradient is handed to the optimizer as zeros, which it ignores)."""
+    weights = dict(loss_weights)
+    is_none = lambda x: x is None
+
+    def loss_fn(train_params, frozen_params, mask, microbatch, counts, rng):
+        params = jax.tree.map(lambda m, t, f: t if m else f, mask, train_params, frozen_params, is_leaf=is_none)
         outputs = model.apply({"params": params}, **model_inputs(microbatch), rngs={"dropout": rng})
         sums = loss_lib.track_sums(outputs, microbatch)
         return loss_lib.weighted_loss(sums, counts, weights), sums
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         step_rng, next_rng = jax.random.split(state.rng)
         counts = loss_lib.loss_counts(batch)
+        mask = optim.trainable_mask(state.params, trainable)
+        train_params = jax.tree.map(lambda p, m: p if m else None, state.params, mask)
+        frozen_params = jax.tree.map(lambda p, m: None if m else p, state.params, mask)
+        grad_fn = lambda mb, rng: value_and_grad(train_params, frozen_params, mask, mb, counts, rng)
         if grad_accum_steps == 1:
-            (_, sums), grads = grad_fn(state.params, batch, counts, step_rng)
+            (_, sums), grads = grad_fn(batch, step_rng)
         else:
             micro = _split_microbatches(batch, grad_accum_steps, mesh, rules)
 
             def body(carry, mb_and_i):
                 mb, i = mb_and_i
-                (_, sums), grads = grad_fn(state.params, mb, counts, jax.random.fold_in(step_rng, i))
+                (_, sums), grads = grad_fn(mb, jax.random.fold_in(step_rng, i))
                 return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
             zeros = jax.tree.map(
                 jnp.zeros_like,
-                jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), counts, step_rng)),
+                jax.eval_shape(lambda: grad_fn(jax.tree.map(lambda x: x[0], micro), step_rng)),
             )
             init = (zeros[1], zeros[0][1])
             (grads, sums), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum_steps)))
 
         metrics = loss_lib.metrics_from_sums(sums, counts, weights)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(grads)  # of the trainable parameters (the frozen ones' is 0)
+        grads = jax.tree.map(lambda m, g, p: g if m else jnp.zeros_like(p), mask, grads, state.params, is_leaf=is_none)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
