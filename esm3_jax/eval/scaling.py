@@ -330,7 +330,7 @@ def write_csv(ladder: Ladder) -> Path:
         w = csv.writer(f)
         w.writerow([*CSV_FIELDS, *(f"nll_{t}" for t in tracks), *(f"unigram_{t}" for t in tracks)])
         for r in rows:
-            w.writerow([r[k] if not isinstance(r[k], float) else f"{r[k]:.6g}" for k in CSV_FIELDS]
+            w.writerow([r[k] if not isinstance(r[k], float) else f"{r[k]:.8g}" for k in CSV_FIELDS]
                        + [f"{r['nll'][t]:.5f}" if t in r["nll"] else "" for t in tracks]
                        + [f"{r['unigram'][t]:.5f}" if t in r.get("unigram", {}) else "" for t in tracks])
     return path
@@ -398,7 +398,8 @@ def fit_frontier(points: list[tuple[float, float]], n_boot: int = 1000, seed: in
     a, b, l_inf = fit_power_law(c, loss)
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(n_boot):
+    # With few points nearly every resample repeats the same 4-5 points: no interval worth the name.
+    for _ in range(n_boot if len(front) >= 6 else 0):
         idx = rng.integers(0, len(c), len(c))
         if len(set(idx.tolist())) < 4:
             continue
@@ -437,9 +438,29 @@ def fit_and_plot(ladder: Ladder, say=print) -> dict[str, Any]:
               "unigram_nll": unigram, "fits": fits}
     (out / "fit.json").write_text(json.dumps(result, indent=1) + "\n")
     write_csv(ladder)
+    say(summary_table(ladder, rows, tracks))
     plot(ladder, rows, tracks, fits, unigram, out / "ladder.png")
     say(f"wrote {out / 'ladder.csv'}, {out / 'fit.json'}, {out / 'ladder.png'}")
     return result
+
+
+def summary_table(ladder: Ladder, rows: list[dict], tracks: list[str]) -> str:
+    """One markdown row per size: its last recorded point (marked when the size is unfinished)."""
+    head = ["size", "params", "d_model x layers", "steps", "tokens", "training FLOPs", "6NT",
+            *(f"held-out {t} NLL" for t in tracks), "train wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in ladder.sizes:
+        mine = [r for r in rows if r["size"] == s.name]
+        if not mine:
+            continue
+        r = mine[-1]
+        done = (Path(ladder.out) / s.name / DONE).is_file()
+        steps = f"{r['step']}" if done else f"{r['step']} of {r['steps']} (running)"
+        lines.append("| " + " | ".join([
+            s.name, f"{r['params'] / 1e6:.2f}M", f"{r['d_model']} x {r['n_layers']}", steps, f"{r['tokens']:,}",
+            f"{r['flops']:.3g}", f"{r['flops_6nt']:.3g}",
+            *(f"{r['nll'][t]:.4f}" if t in r["nll"] else "-" for t in tracks), f"{r['wall_s']:.0f}"]) + " |")
+    return "\n".join(lines)
 
 
 def plot(ladder: Ladder, rows, tracks, fits, unigram, path: Path) -> None:
@@ -460,12 +481,15 @@ def plot(ladder: Ladder, rows, tracks, fits, unigram, path: Path) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, ms=3.5, lw=1.4,
                     label=f"{name} ({pts[0][2] / 1e6:.2g}M)")
         f = fits.get(t, {})
+        front = f.get("frontier", [])
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "o", mfc="none", mec="black", ms=7, mew=0.9,
+                    label="compute frontier")
         if "b" in f:
             xs = np.geomspace(min(r["flops"] for r in rows), max(r["flops"] for r in rows), 200)
-            lo, hi = f["b_95"] or (float("nan"), float("nan"))
+            interval = "b 95%: [{:.3f}, {:.3f}]".format(*f["b_95"]) if f["b_95"] else "no bootstrap (few points)"
             ax.plot(xs, power_law(xs, f["a"], f["b"], f["c"]), "--", color="crimson", lw=1.6,
-                    label=f"frontier fit: {f['a']:.3g} C^-{f['b']:.3f} + {f['c']:.3f}\n"
-                          f"b in [{lo:.3f}, {hi:.3f}] (95%), R$^2$ {f['r2']:.3f}")
+                    label=f"fit: {f['a']:.3g} C^-{f['b']:.3f} + {f['c']:.3f}\n{interval}, R$^2$ {f['r2']:.3f}")
         if t in unigram:
             ax.axhline(unigram[t], color="grey", lw=0.8, ls=":", label=f"unigram {unigram[t]:.3f}")
         ax.set_xscale("log")
