@@ -497,7 +497,7 @@ def plot(ladder: Ladder, rows, tracks, fits, unigram, path: Path) -> None:
         ax.set_ylabel(f"held-out {t} NLL (nats, training noise)")
         ax.set_title(f"{t}")
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7.5, loc="upper right")
+        ax.legend(fontsize=7.5, loc="best")
     fig.suptitle(f"Scaling ladder: held-out NLL vs training compute ({Path(ladder.valid_data).name} split)",
                  fontsize=11)
     fig.tight_layout()
