@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "decode-structure": ("esm3_jax.data.structure_tokens:DECODE_VERB", "structure tokens (.npz) -> backbone or all-atom PDBs with pLDDT, and pTM"),
     "train-vqvae": ("esm3_jax.train.vqvae.run", "train the VQ-VAE structure tokenizer from a configs/vqvae_*.yaml"),
     "evaluate": ("esm3_jax.eval.nll", "per-track NLL, perplexity, accuracy of a checkpoint on a split: at the training noise and under conditioning"),
+    "scaling": ("esm3_jax.eval.scaling", "scaling ladder: train model sizes to their budgets, held-out NLL vs FLOPs, power-law fit and plot"),
     "plot-metrics": ("esm3_jax.eval.plot_metrics", "loss curves of one or more runs' metrics.csv as a PNG (needs matplotlib)"),
 }
 

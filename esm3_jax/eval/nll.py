@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -158,10 +159,13 @@ def _n_batches(it: Iterator, n: int | None) -> Iterator[dict[str, np.ndarray]]:
         yield batch
 
 
-def evaluate(cfg, params, run, n_batches: int | None, progress: bool = True) -> dict[str, Any]:
+def evaluate(cfg, params, run, n_batches: int | None, progress: bool = True, *, conditioning: bool = True,
+             step_cache: dict | None = None) -> dict[str, Any]:
     """Both measurements over the first `n_batches` batches (None: one pass) of `cfg.data.datasets`.
 
-    `run` is `setup_training(cfg, ...)`, `params` on its mesh in its shardings."""
+    `run` is `setup_training(cfg, ...)`, `params` on its mesh in its shardings. conditioning=False
+    measures only at the training noise (the scaling ladder's number). `step_cache`: a dict kept by
+    a caller that evaluates one model many times, so the eval step is compiled once."""
     import jax
     from tqdm import tqdm
 
@@ -180,26 +184,32 @@ def evaluate(cfg, params, run, n_batches: int | None, progress: bool = True) -> 
     def batches(dcfg):
         return _n_batches(pipeline.make_iterator(dcfg, num_epochs=1, drop_remainder=True), n_batches)
 
-    step, shardings = None, None
+    cache = {} if step_cache is None else step_cache
 
     def run_step(local):
-        nonlocal step, shardings
-        if step is None:
-            shardings = run.batch_shardings(local)
-            step = run.eval_step(shardings)
-        sums, counts = jax.device_get(step(params, shd.global_batch(local, shardings, rows_global)))
+        if "step" not in cache:
+            cache["shardings"] = run.batch_shardings(local)
+            cache["step"] = run.eval_step(cache["shardings"])
+        shardings = cache["shardings"]
+        sums, counts = jax.device_get(cache["step"](params, shd.global_batch(local, shardings, rows_global)))
         return sums, counts
 
     noise_rows = {t: _Acc(t) for t in TRACKS}
-    cond_rows = {(t, g): _Acc(t) for t, gs in CONDITIONS.items() for g in gs}
+    cond_rows = {(t, g): _Acc(t) for t, gs in CONDITIONS.items() for g in gs} if conditioning else {}
     given_labels = {g: 0 for g in GIVEN_TRACKS}
     total = None if n_batches is None else n_batches
     n_seen = 0
     bar = tqdm(total=total, desc="evaluate", unit="batch", disable=not progress, file=sys.stderr)
-    for noisy, clean in zip(batches(data), batches(clean_data)):
+    # Without conditioning rows the noise-free batches are not needed: not decoded at all.
+    clean_batches = batches(clean_data) if conditioning else itertools.repeat(None)
+    for noisy, clean in zip(batches(data), clean_batches):
         sums, counts = run_step(noisy)
         for acc in noise_rows.values():
             acc.add(sums, counts, noisy)
+        if not conditioning:
+            n_seen += 1
+            bar.update(1)
+            continue
         for g in GIVEN_TRACKS:
             given_labels[g] += int(labelled(clean, g).sum())
         done = {}
@@ -222,15 +232,15 @@ def evaluate(cfg, params, run, n_batches: int | None, progress: bool = True) -> 
     if not n_seen:
         raise ValueError(f"{[d.path for d in cfg.data.datasets]}: not one full batch of {rows_global} rows "
                          "(lower data.batch_size)")
-    conditioning = []
+    cond_table = []
     for (t, g), acc in cond_rows.items():
         row = acc.row(given=g)
         if g != NOTHING and not given_labels[g] and row.get("note") is None:
             row = {**{k: (None if k in ("nll", "perplexity", "accuracy") else v) for k, v in row.items()},
                    "note": f"no labels ({g})"}
-        conditioning.append(row)
+        cond_table.append(row)
     return {"batches": n_seen, "rows_per_batch": rows_global,
-            "training_noise": [acc.row() for acc in noise_rows.values()], "conditioning": conditioning}
+            "training_noise": [acc.row() for acc in noise_rows.values()], "conditioning": cond_table}
 
 
 def _fmt(v, spec=".3f"):

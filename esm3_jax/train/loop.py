@@ -127,9 +127,14 @@ def train(
     make_train_iter: Callable[[], BatchIterator] | None = None,
     make_eval_iter: Callable[[], BatchIterator] | None = None,
     devices: list | None = None,
+    on_step: Callable[[int, state_lib.TrainState], None] | None = None,
 ) -> RunResult:
     """Run (or resume) training as `cfg` says. The iterator factories default to the Grain pipeline
-    over data.datasets / train.eval_datasets; each yields this process's rows of every batch."""
+    over data.datasets / train.eval_datasets; each yields this process's rows of every batch.
+
+    `on_step(step, state)`, if given, runs after every step and before that step's checkpoint is
+    saved, so work it records for a step (the scaling ladder's evaluations) is never behind the
+    checkpoint a resumed run starts from."""
     tc = cfg.train
     devices = list(jax.devices() if devices is None else devices)
     check_run_config(cfg, len(devices), jax.process_count(), need_datasets=make_train_iter is None)
@@ -140,10 +145,10 @@ def train(
     main_process = jax.process_index() == 0
     say = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
     with _Preemption() as preemption:
-        return _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_process)
+        return _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_process, on_step)
 
 
-def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_process) -> RunResult:
+def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_process, on_step=None) -> RunResult:
     tc = cfg.train
     run = setup_training(cfg, devices)
     trainable = "" if not tc.trainable_patterns else f" ({run.trainable_count:,} trainable, the rest frozen)"
@@ -252,6 +257,8 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
                 eval_metrics = eval_pass(eval_step, state.params, make_eval_iter, tc.eval_batches, batch_sh, rows)
                 writer.scalars(step, eval_metrics, prefix="eval/")
                 bar.write(f"step {step} validation NLL: " + format_eval(eval_metrics))
+            if on_step is not None:
+                on_step(step, state)
             saved = False
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 ckpt.save(step, state.as_dict(), train_iter, cfg_dict)
