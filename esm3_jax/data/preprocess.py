@@ -300,7 +300,14 @@ def _read_progress(path: Path, header: dict, overwrite: bool) -> dict[int, dict]
     """Finished shards recorded by an earlier run with the same settings (shard index -> line)."""
     if not path.exists():
         return {}
-    lines = path.read_text().splitlines()
+    return earlier_progress(path.read_text().splitlines(), header, overwrite, str(path.parent))
+
+
+def earlier_progress(lines: list[str], header: dict, overwrite: bool, where: str,
+                     more_lines: Iterable[str] = ()) -> dict[int, dict]:
+    """Shard index -> progress line of an earlier run's progress file (`lines`: its header first, then
+    one line per finished shard; `more_lines`: further shard lines, read only when the header matches).
+    Both the local and the Beam path read their earlier runs through this one check."""
     try:
         earlier = json.loads(lines[0]) if lines else {}
     except json.JSONDecodeError:
@@ -309,10 +316,10 @@ def _read_progress(path: Path, header: dict, overwrite: bool) -> dict[int, dict]
         if overwrite:
             return {}
         raise PreprocessError(
-            f"{path.parent} holds a run with different inputs or settings; use a new output folder or --overwrite"
+            f"{where} holds a run with different inputs or settings; use a new output folder or --overwrite"
         )
     done = {}
-    for line in lines[1:]:
+    for line in itertools.chain(lines[1:], more_lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

@@ -445,25 +445,10 @@ def _earlier_rows(out: str, header: dict, overwrite: bool) -> list[dict]:
     progress = _join(out, pp.PROGRESS)
     if not _exists(progress):
         return []
-    lines = _read_bytes(progress).decode().splitlines()
-    try:
-        earlier = json.loads(lines[0]) if lines else {}
-    except json.JSONDecodeError:
-        earlier = {}
-    if earlier != header:
-        if overwrite:
-            return []
-        raise pp.PreprocessError(
-            f"{out} holds a run with different inputs or settings; use a new output folder or --overwrite"
-        )
-    texts = lines[1:] + [_read_bytes(path).decode() for path in _progress_files(out)]
-    rows = {}
-    for text in texts:
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError:
-            continue  # the last line of a run killed mid-write
-        rows[row["shard"]] = row
+    rows = pp.earlier_progress(
+        _read_bytes(progress).decode().splitlines(), header, overwrite, out,
+        (_read_bytes(path).decode() for path in _progress_files(out)),
+    )
     return [rows[i] for i in sorted(rows)]
 
 
