@@ -106,13 +106,22 @@ def test_predict_function_end_to_end(setup, tmp_path, capsys):
     fasta.write_text("".join(f">{k}\n{v}\n" for k, v in seqs.items()))
     base = ["predict-function", "--checkpoint", str(esm3), "--fasta", str(fasta), "--function-vocab", str(vocab_dir),
             "--function-decoder", str(fdec), "--num-steps", "3", "--seed", "4", "--min-length", "2"]
-    printed = _run(base + ["--out", str(tmp_path / "a.json")], capsys)
+    printed = _run(base + ["--max-hits", "0", "--out", str(tmp_path / "a.json")], capsys)
     assert "first: 22 residues" in printed and "range" in printed and "predict-function: 2 protein(s)" in printed
-    _run(base + ["--out", str(tmp_path / "b.json")], capsys)
+    assert _run(base + ["--max-hits", "3", "--out", str(tmp_path / "b.json")], capsys).split("\n")[:-2] == printed.split("\n")[:-2]
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
-    assert a["proteins"] == b["proteins"]  # same seed, same output
     assert [p["name"] for p in a["proteins"]] == list(seqs)
+    assert (a["max_hits"], b["max_hits"]) == (0, 3)
     keys = ("function_keywords", "residue_annotations", "decoder_keywords", "decoder_interpro")
+    # Same seed, same output; --max-hits 3 keeps each list's 3 best (all lists ranked by score)
+    # and counts the rest in left_out. Random weights: plenty of residue annotations to cut.
+    assert len(a["proteins"][1]["residue_annotations"]) > 3
+    for p, q in zip(a["proteins"], b["proteins"]):
+        assert {k: v for k, v in p.items() if k not in keys + ("left_out",)} == {k: v for k, v in q.items() if k not in keys + ("left_out",)}
+        for key in keys:
+            scores = [r["score"] for r in p[key]]
+            assert scores == sorted(scores, reverse=True) and p["left_out"][key] == 0
+            assert q[key] == p[key][:3] and q["left_out"][key] == len(p[key]) - len(q[key])
     # The tokens are the engine's, and row 0's do not depend on its batch mate.
     tokens, _ = predict_function(cfg, params, [function_inputs(seqs["first"])], num_steps=3, seed=4)
     for p, seq in zip(a["proteins"], seqs.values()):
@@ -176,3 +185,5 @@ def test_bad_input(setup, tmp_path, capsys):
     bad_names = tmp_path / "names.csv"
     bad_names.write_text("label,label_clean,count\nx,y,many\n")
     fails(pf + ["--sequence", "MKT", "--residue-vocab", str(bad_names)], "names.csv")
+
+    fails(pf + ["--sequence", "MKT", "--max-hits", "-1"], "--max-hits must be >= 0")

@@ -16,6 +16,8 @@ The read-out:
   (c) with --function-decoder, the ported decoder's keywords (p >= 0.5) and InterPro ids (p >= 0.1).
 Every per-residue hit list becomes ranges per label as the reference merges them (gaps of up to
 --merge-gap residues joined, ranges shorter than --min-length dropped), residues numbered 1..L.
+The JSON keeps each source's --max-hits highest-scoring ranges per protein (random or untrained
+weights give thousands: megabytes of noise) and says how many it left out.
 
 It lives in data/ (not inference/) because the function vocabulary is data/function_tokens.py's.
 """
@@ -44,6 +46,9 @@ from esm3_jax.inference.tasks import check_sequence, read_fasta
 from esm3_jax.structure.io import load_structure
 
 RESIDUE_THRESHOLD = 0.5  # the reference's sample_residue_annotation_logits
+# The range lists of a read-out, and what the printed table calls them.
+RANGE_SOURCES = {"function_keywords": "vocab", "residue_annotations": "residue annotation",
+                 "decoder_keywords": "decoder keyword", "decoder_interpro": "decoder InterPro"}
 
 
 # --- residue-annotation names ---------------------------------------------------------------------
@@ -158,6 +163,24 @@ def read_out(
     return result
 
 
+def by_score(ranges: list[dict]) -> list[dict]:
+    """Highest score first; ties by start, then label (so the order is reproducible)."""
+    return sorted(ranges, key=lambda r: (-r["score"], r["start"], r["label"]))
+
+
+def keep_top_ranges(result: dict[str, Any], max_hits: int) -> dict[str, Any]:
+    """`result` with each range list ranked by score and cut to its `max_hits` best (0: all), plus
+    `left_out`: how many ranges each list lost."""
+    out = dict(result)
+    out["left_out"] = {}
+    for key in RANGE_SOURCES:
+        if key in result:
+            ranked = by_score(result[key])
+            out[key] = ranked[:max_hits] if max_hits else ranked
+            out["left_out"][key] = len(ranked) - len(out[key])
+    return out
+
+
 # --- the verb -------------------------------------------------------------------------------------
 
 
@@ -186,7 +209,9 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-hamming", type=int, default=10, help="furthest LSH signature (bits of 64) that counts as a match")
     p.add_argument("--merge-gap", type=int, default=3, help="join a label's runs across gaps of up to this many residues")
     p.add_argument("--min-length", type=int, default=5, help="drop ranges shorter than this many residues")
-    p.add_argument("--top", type=int, default=10, help="ranges printed per source and protein, highest score first (the JSON has all)")
+    p.add_argument("--top", type=int, default=10, help="ranges printed per source and protein, highest score first")
+    p.add_argument("--max-hits", type=int, default=50, help="ranges the JSON keeps per source and protein, highest score "
+                   "first; its left_out says how many were dropped (0: keep all)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=None, help="proteins per compiled step (default: all)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: the checkpoint's)")
@@ -217,7 +242,7 @@ def _read_proteins(args: argparse.Namespace) -> tuple[str, list[tuple[str, str, 
 
 
 def _table(name: str, length: int, tokens: np.ndarray, result: dict[str, list[dict]], top: int) -> list[str]:
-    """The printed summary: per source its `top` highest-scoring ranges (the JSON has them all)."""
+    """The printed summary: per source its `top` highest-scoring ranges."""
     has = int(np.all(tokens >= T.FUNCTION_LSH_OFFSET, axis=1).sum())
     none = int(np.all(tokens == T.FUNCTION_NONE, axis=1).sum())
     nearest = np.array([d for d in result["vocab_nearest_hamming"] if d >= 0])
@@ -225,12 +250,10 @@ def _table(name: str, length: int, tokens: np.ndarray, result: dict[str, list[di
             f"{np.median(nearest):g})" if len(nearest) else "")
     lines = [f"{name}: {length} residues; function tokens at {has}, <none> at {none}{near}",
              f"  {'range':<11} {'source':<18} {'label':<52} score"]
-    sources = [("function_keywords", "vocab"), ("residue_annotations", "residue annotation"),
-               ("decoder_keywords", "decoder keyword"), ("decoder_interpro", "decoder InterPro")]
-    for key, what in sources:
+    for key, what in RANGE_SOURCES.items():
         if key not in result:
             continue
-        ranges = sorted(result[key], key=lambda r: (-r["score"], r["start"], r["label"]))
+        ranges = by_score(result[key])
         if not ranges:
             lines.append(f"  {'-':<11} {what:<18} (none above the threshold)")
         for r in ranges[:top]:
@@ -239,7 +262,7 @@ def _table(name: str, length: int, tokens: np.ndarray, result: dict[str, list[di
                 label = f"{label} ({', '.join(r['keywords'][:3])})"
             lines.append(f"  {r['start']:>4}-{r['end']:<6} {what:<18} {label[:52]:<52} {r['score']:.3f}")
         if len(ranges) > top:
-            lines.append(f"  {'':<11} {what:<18} ... {len(ranges) - top} more ranges (--top, or the JSON)")
+            lines.append(f"  {'':<11} {what:<18} ... {len(ranges) - top} more ranges (--top)")
     return lines
 
 
@@ -248,8 +271,9 @@ def cli_main(args: argparse.Namespace) -> int:
     for flag, v in (("--num-steps", args.num_steps), ("--min-length", args.min_length)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
-    if args.merge_gap < 0 or args.max_hamming < 0:
-        raise ValueError(f"--merge-gap and --max-hamming must be >= 0, got {args.merge_gap} and {args.max_hamming}")
+    for flag, v in (("--merge-gap", args.merge_gap), ("--max-hamming", args.max_hamming), ("--max-hits", args.max_hits)):
+        if v < 0:
+            raise ValueError(f"{flag} must be >= 0, got {v}")
     source, proteins = _read_proteins(args)
     vocab = ft.load_function_vocab_dir(args.function_vocab)
     residue_names = read_residue_vocab(args.residue_vocab) if args.residue_vocab else default_residue_names()
@@ -264,14 +288,15 @@ def cli_main(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint), "function_vocab": str(args.function_vocab),
         "function_decoder": args.function_decoder, "residue_vocab": args.residue_vocab, "source": source,
         "num_steps": args.num_steps, "temperature": args.temperature, "seed": args.seed,
-        "max_hamming": args.max_hamming, "merge_gap": args.merge_gap, "min_length": args.min_length, "proteins": [],
+        "max_hamming": args.max_hamming, "merge_gap": args.merge_gap, "min_length": args.min_length,
+        "max_hits": args.max_hits, "proteins": [],
     }
     for (name, seq, _), tok, logits in zip(proteins, tokens, residue_logits):
         result = read_out(tok, logits, vocab, residue_names=residue_names, decoder=decoder, max_hamming=args.max_hamming,
                           merge_gap=args.merge_gap, min_length=args.min_length)
         print("\n".join(_table(name, len(seq), tok, result, args.top)))
         summary["proteins"].append({"name": name, "length": len(seq), "sequence": seq,
-                                    "function_tokens": tok.astype(int).tolist(), **result})
+                                    "function_tokens": tok.astype(int).tolist(), **keep_top_ranges(result, args.max_hits)})
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
