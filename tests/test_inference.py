@@ -140,3 +140,40 @@ def test_nan_coordinates_are_masked_not_propagated():
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+
+def test_repeated_forward_calls_compile_once(jax_cache):
+    """`forward` reuses one jitted function per config: a second call on inputs of the same
+    shapes lowers and compiles nothing (jax reports each lowering as a monitoring event)."""
+    import dataclasses
+
+    import jax
+    from jax._src import dispatch
+
+    from esm3_jax.inference.forward import forward, make_forward
+    from esm3_jax.model.esm3 import init_params
+
+    cfg = load_config(None, ["model.d_model=32", "model.n_heads=2", "model.v_heads=4", "model.n_layers=1"]).model
+    # Random weights of the model's shapes, without compiling the initialiser.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
+                          jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+    x = dict(sequence_tokens=np.full((2, 12), 5, np.int32))
+    lowered: list[str] = []
+
+    def count(name, secs, **kwargs):
+        if name == dispatch.JAXPR_TO_MLIR_MODULE_EVENT:
+            lowered.append(name)
+
+    first = forward(cfg, params, x)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        second = forward(cfg, params, x)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert lowered == []
+    for k in first:
+        np.testing.assert_array_equal(first[k], second[k])
+    assert make_forward(cfg) is make_forward(dataclasses.replace(cfg))
+    assert make_forward(cfg) is not make_forward(dataclasses.replace(cfg, n_layers=2))

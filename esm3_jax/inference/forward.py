@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +108,20 @@ def load_esm3(checkpoint: str | Path, compute_dtype: str | None = None) -> tuple
 
 
 def make_forward(cfg: ModelConfig):
-    """A jitted `(params, inputs) -> outputs`; absent inputs are left out (compiled per key set)."""
+    """A jitted `(params, inputs) -> outputs`; absent inputs are left out (compiled per key set).
+
+    One function per (config, backend) in a process: jit caches its compiled programs on the
+    function object, so a fresh one per call would trace and compile again every time (seconds
+    each). Sharing is safe: the function closes over nothing but the frozen config, and jit
+    keys its programs by the params' and inputs' structure, shapes and dtypes."""
+    return _make_forward(cfg, jax.default_backend())
+
+
+@functools.lru_cache(maxsize=16)
+def _make_forward(cfg: ModelConfig, backend: str):
     model = ESM3(cfg)
     return jax.jit(lambda params, inputs: model.apply({"params": params}, **inputs),
-                   compiler_options=cpu_matmul.compiler_options(jax.default_backend(), cpu_matmul.DEFAULT))
+                   compiler_options=cpu_matmul.compiler_options(backend, cpu_matmul.DEFAULT))
 
 
 def forward(cfg: ModelConfig, params: Any, inputs: dict[str, np.ndarray], batch_size: int | None = None) -> dict[str, np.ndarray]:
