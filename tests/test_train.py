@@ -144,13 +144,21 @@ class _PoisonFrom(grain.DatasetIterator):
         self._n = state["n"]
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(records, jax_cache, tmp_path):
+def test_nonfinite_steps_are_skipped_then_stop_the_run(records, reference_run, jax_cache, tmp_path, monkeypatch):
     from esm3_jax.data import pipeline
+    from esm3_jax.runtime import hardware
 
+    # On a CPU (no datasheet peak) MFU divides by a measured matmul rate: the reference run in
+    # this process measured it, so this second train() must not time matmuls again.
+    assert "mfu" in reference_run[1].metrics
+    measured = []
+    rates = hardware.matmul_rates
+    monkeypatch.setattr(hardware, "matmul_rates", lambda *a, **k: measured.append(a) or rates(*a, **k))
     cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(records, tmp_path) + [
         "train.checkpoint_every=2", "train.max_nonfinite_in_a_row=3", "train.eval_every=0"])
     with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
         train(cfg, make_train_iter=lambda: _PoisonFrom(pipeline.make_iterator(cfg.data), start=3))
+    assert measured == []
     # Steps 3, 4, 5 were skipped; the run stopped at 5 without saving it. Step 4's checkpoint holds
     # the parameters of step 2, untouched by the skipped updates, and counts the skips.
     info = {s: ckpt_lib.read_checkpoint(tmp_path / "checkpoints", s) for s in (2, 4)}

@@ -6,6 +6,7 @@ Measured figures belong in BENCHMARKS.md with the command that produced them, no
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -73,3 +74,11 @@ def matmul_rates(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> dic
 def matmul_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """The machine's matmul peak (FLOP/s) through XLA: the fastest library's rate."""
     return max(matmul_rates(dtype, n, repeats).values())
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak_flops_once(dtype: str = "float32", n: int = 1024, repeats: int = 3) -> float:
+    """`matmul_peak_flops`, measured once per process (per arguments) and remembered: the MFU
+    denominator of a training run on a CPU, which a process calling train() again and again (tests,
+    the scaling ladder) need not pay for each time. Benchmarks measure afresh, between their rounds."""
+    return matmul_peak_flops(dtype, n, repeats)

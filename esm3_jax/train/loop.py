@@ -25,7 +25,7 @@ import numpy as np
 from esm3_jax.config import ConfigError, to_dict
 from esm3_jax.model.flops import train_flops_per_token
 from esm3_jax.runtime import allocator, distributed
-from esm3_jax.runtime.hardware import matmul_peak_flops, peak_flops_per_device
+from esm3_jax.runtime.hardware import matmul_peak_flops_once, peak_flops_per_device
 from esm3_jax.train import finetune, optim
 from esm3_jax.train import sharding as shd
 from esm3_jax.train import state as state_lib
@@ -204,8 +204,9 @@ def _train(cfg, make_train_iter, make_eval_iter, devices, preemption, say, main_
     flops_per_step = train_flops_per_token(cfg.model, cfg.data.max_length) * rows * cfg.data.max_length
     peak = peak_flops_per_device(devices[0].device_kind, tc.peak_flops_per_device)
     if peak is None:
-        # No datasheet number for this device (a CPU): measure its matmul rate, so MFU is shown.
-        peak = matmul_peak_flops(jax.numpy.dtype(cfg.model.dtype).name, n=1024, repeats=3)
+        # No datasheet number for this device (a CPU): measure its matmul rate (once per process),
+        # so MFU is shown.
+        peak = matmul_peak_flops_once(jax.numpy.dtype(cfg.model.dtype).name, n=1024, repeats=3)
         say(f"  measured matmul peak of {devices[0].device_kind}: {peak / 1e9:.0f} GFLOP/s per device (for MFU)")
     writer = MetricWriter(tc.tensorboard_dir if main_process else None,
                           wandb_project=tc.wandb_project if tc.wandb else None, config=cfg_dict)
