@@ -176,3 +176,38 @@ def test_bad_input(ckpts, tmp_path, capsys):
     fails(["inverse-fold", "--checkpoint", str(dec), "--structure", str(STRUCTURES / NATIVE), "--out", str(tmp_path / "x.fasta")],
           str(dec), "not esm3")
     assert not (tmp_path / "x.fasta").exists()
+
+
+def test_fasta_from_a_pipe_survives_the_command_restarting_under_tcmalloc(tmp_path):
+    """`--fasta <(...)` (bash hands over /dev/fd/N, a pipe, no regular file) is read, also by the
+    command run as a program, which first re-executes itself under tcmalloc: the letter check
+    sees the piped entry, before any checkpoint is opened."""
+    import os
+    import subprocess
+    import sys
+
+    from esm3_jax.inference.tasks import read_fasta
+    from tests.paths import REPO
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b">x\nMKTAYIAKQR\n>y\nGSHMLEDPVD\n")
+    os.close(write_end)
+    try:
+        assert read_fasta(f"/dev/fd/{read_end}") == [("x", "MKTAYIAKQR"), ("y", "GSHMLEDPVD")]
+    finally:
+        os.close(read_end)
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b">x\nMKTAYJAKQR\n")
+    os.close(write_end)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ESM3_JAX_ALLOCATOR")}
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    try:
+        out = subprocess.run([sys.executable, "-m", "esm3_jax.cli", "fold", "--checkpoint", str(tmp_path / "none"),
+                              "--decoder", str(tmp_path / "none"), "--fasta", f"/dev/fd/{read_end}", "--out-dir",
+                              str(tmp_path / "out")], pass_fds=(read_end,), capture_output=True, text=True, env=env,
+                             cwd=REPO, timeout=120)
+    finally:
+        os.close(read_end)
+    assert out.returncode == 2
+    assert f"/dev/fd/{read_end}: entry 'x': character 'J' at position 6" in out.stderr, out.stderr

@@ -56,8 +56,12 @@ def read_fasta(path: str | Path) -> list[tuple[str, str]]:
     from biotite.sequence.io import fasta
 
     path = Path(path)
-    if not path.is_file():
+    # Not is_file(): a pipe such as bash's process substitution <(...) (/dev/fd/N) is no regular
+    # file, yet reads like one; it is read exactly once, here.
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such FASTA file")
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a FASTA file")
     try:
         ff = fasta.FastaFile.read(str(path))
     except (biotite.InvalidFileError, UnicodeDecodeError) as e:
