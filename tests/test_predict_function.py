@@ -151,10 +151,14 @@ def test_predict_function_from_structure(setup, tmp_path, capsys):
     assert p["name"] == "5PTI_A" and p["length"] == 58 and "decoder_keywords" not in p
     assert p["residue_annotations"] and all(r["label"].startswith("site ") for r in p["residue_annotations"])
     assert all(1 <= r["start"] <= r["end"] <= 58 for r in p["residue_annotations"])
-    # Conditioning on the structure alone changes the prediction.
-    _run(["predict-function", "--checkpoint", str(esm3), "--structure", str(STRUCTURES / NATIVE), "--function-vocab",
+    # Conditioning on the structure alone changes the prediction. (The file named for its chain:
+    # the protein is still 5PTI_A, not 5PTI_A_A.)
+    named = tmp_path / "5PTI_A.cif.gz"
+    named.write_bytes((STRUCTURES / NATIVE).read_bytes())
+    _run(["predict-function", "--checkpoint", str(esm3), "--structure", str(named), "--function-vocab",
           str(vocab_dir), "--structure-only", "--out", str(tmp_path / "t.json")], capsys)
     (q,) = json.loads((tmp_path / "t.json").read_text())["proteins"]
+    assert q["name"] == "5PTI_A"
     assert q["function_tokens"] != p["function_tokens"]
 
 

@@ -347,3 +347,11 @@ def test_records_are_immutable():
         chain.sequence = "A"
     with pytest.raises(ValueError, match="coords must be"):
         ProteinChain.from_coords("AAA", np.zeros((2, 37, 3)))
+
+
+def test_chain_name_does_not_repeat_the_chain():
+    assert io.chain_name("x/1A0J.pdb", "A") == "1A0J_A"
+    assert io.chain_name("x/1A0J_A.pdb.gz", "A") == "1A0J_A"
+    assert io.chain_name("1A0J_A.cif", "B") == "1A0J_A_B"
+    assert io.chain_name("kortemme_PF00013_1WVN_A_A.pdb.gz", "A") == "kortemme_PF00013_1WVN_A_A"
+    assert io.chain_name("1abcA.pdb", "A") == "1abcA_A"  # only a whole _CHAIN suffix counts

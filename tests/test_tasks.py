@@ -120,10 +120,13 @@ def test_inverse_fold(ckpts, tmp_path, capsys):
     _, _, esm3, _, _ = ckpts
     native = STRUCTURES / NATIVE2
     chain = load_structure(native)[0]
+    # The same file again, named for its chain: the samples are still named 1A8O_A (not 1A8O_A_A).
+    named = tmp_path / f"1A8O_{chain.chain_id}.cif.gz"
+    named.write_bytes(native.read_bytes())
     runs = []
-    for name in ("a", "b"):
+    for name, structure in (("a", native), ("b", named)):
         out = tmp_path / f"{name}.fasta"
-        assert main(["inverse-fold", "--checkpoint", str(esm3), "--structure", str(native), "--chain", chain.chain_id,
+        assert main(["inverse-fold", "--checkpoint", str(esm3), "--structure", str(structure), "--chain", chain.chain_id,
                      "--out", str(out), "--num-samples", "3", "--num-steps", "4", "--temperature", "1.0", "--seed", "7"]) == 0
         printed = capsys.readouterr().out
         assert "sequence recovery: mean" in printed

@@ -43,7 +43,7 @@ from esm3_jax.inference.function_decoder import FunctionDecoder, decode_function
 from esm3_jax.inference.generate import generate
 from esm3_jax.inference.structure_tokenizer import StructureTokenizer
 from esm3_jax.inference.tasks import check_sequence, read_fasta
-from esm3_jax.structure.io import load_structure
+from esm3_jax.structure.io import chain_name, load_structure
 
 RESIDUE_THRESHOLD = 0.5  # the reference's sample_residue_annotation_logits
 # The range lists of a read-out, and what the printed table calls them.
@@ -237,7 +237,7 @@ def _read_proteins(args: argparse.Namespace) -> tuple[str, list[tuple[str, str, 
     if args.encoder:
         codes = StructureTokenizer.load(encoder_dir=args.encoder).tokenize(chain.backbone, chain.residue_index)
     seq = T.MASK_CHAR * len(chain) if args.structure_only else chain.sequence
-    name = f"{path.name.split('.')[0]}_{chain.chain_id}"
+    name = chain_name(path, chain.chain_id)
     return str(path), [(name, chain.sequence, function_inputs(seq, chain.backbone, codes))]
 
 

@@ -34,7 +34,7 @@ from esm3_jax.inference.generate import generate
 from esm3_jax.inference.structure_tokenizer import StructureTokenizer, decoded_chain
 from esm3_jax.structure import geometry
 from esm3_jax.structure.chain import ProteinChain
-from esm3_jax.structure.io import load_structure, write_structure
+from esm3_jax.structure.io import chain_name, load_structure, write_structure
 
 STANDARD_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 # What fold accepts: the 20, X (unknown) and the ambiguity/rare codes the vocabulary has.
@@ -316,7 +316,7 @@ def _inverse_fold_main(args: argparse.Namespace) -> int:
                            temperature_annealing=not args.no_temperature_annealing, top_p=args.top_p, seed=args.seed,
                            batch_size=args.batch_size, source=str(path))
     recoveries = [sequence_recovery(d, chain.sequence) for d in designs]
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"{path.name.split('.')[0]}_{chain.chain_id}")
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", chain_name(path, chain.chain_id))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(f">{stem}_sample{i} recovery={r:.4f}\n{d}\n" for i, (d, r) in enumerate(zip(designs, recoveries))))

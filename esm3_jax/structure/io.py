@@ -240,6 +240,14 @@ def load_structure(
     return chains
 
 
+def chain_name(path: str | Path, chain_id: str) -> str:
+    """One chain of a structure file, named for output files and reports: the file name up to its
+    first dot, then _CHAIN, unless the name already ends with that (1A0J_A.pdb chain A -> 1A0J_A,
+    not 1A0J_A_A; chain B -> 1A0J_A_B)."""
+    stem = Path(path).name.split(".")[0]
+    return stem if stem.endswith(f"_{chain_id}") else f"{stem}_{chain_id}"
+
+
 def load_chain(path: str | Path, chain: str, *, max_length: int | None = None) -> ProteinChain:
     """One chain by author chain id."""
     return load_structure(path, chain, max_length=max_length)[0]
