@@ -128,11 +128,12 @@ print("held-out test split, nats per position (unigram: the split's own token-fr
 for r in ev["training_noise"]:
     if r.get("nll") is not None:
         print(f"  {r['target']:<9} at the training noise: NLL {fmt(r['nll'])}  (unigram {fmt(r['unigram_nll'])})")
-cond = {(r["target"], r["given"]): r.get("nll") for r in ev["conditioning"]}
-for given in ("nothing", "ss8"):
-    print(f"  sequence fully masked, given {given + ':':<8} NLL {fmt(cond.get(('sequence', given)))}")
-for given in ("nothing", "sequence"):
-    print(f"  ss8 fully masked, given {given + ':':<13} NLL {fmt(cond.get(('ss8', given)))}")
+cond = {(r["target"], r["given"]): r for r in ev["conditioning"]}
+for target, givens in (("sequence", ("nothing", "ss8")), ("ss8", ("nothing", "sequence"))):
+    for given in givens:
+        r = cond.get((target, given), {})
+        label = f"{target} fully masked, given {given}:"
+        print(f"  {label:<38} NLL {fmt(r.get('nll'))}  (unigram {fmt(r.get('unigram_nll'))})")
 fold = json.load(open(f"{demo}/fold/summary.json"))
 p = fold["proteins"][0]
 print(f"fold of held-out {held} ({p['length']} residues) against its native structure: backbone RMSD "
