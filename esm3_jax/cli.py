@@ -76,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(module, "ACCEPTS_EXTRA_ARGS", False):  # options it passes on to another program
         args, args.extra_args = parser.parse_known_args(argv[1:])
     else:
-        args = parser.parse_args(argv[1:])
+        try:
+            # key=value overrides may sit on both sides of options (`--config C a=1 --eval-only
+            # b=2`); plain parse_args takes only the first run of positionals and rejects the rest.
+            args = parser.parse_intermixed_args(argv[1:])
+        except TypeError:  # a verb with sub-commands (bench), which intermixed parsing does not support
+            args = parser.parse_args(argv[1:])
     try:
         return int(module.cli_main(args) or 0)
     except (ValueError, FileNotFoundError) as e:
