@@ -236,3 +236,35 @@ def test_stage2_all_atom_training_and_decoding(encoder_dir, esm3_dir, tmp_path, 
     dec = tok.decode(np.load(tmp_path / "t.npz")["5PTI.cif.gz/A"], sequence=truth.sequence)
     np.testing.assert_allclose(written.coords[standard], dec["atom37"][standard], atol=2e-3)
     np.testing.assert_allclose(written.b_factor, 100 * dec["plddt"], atol=6e-3)
+
+
+def test_stage2_decoder_starts_from_a_stage1_decoder(encoder_dir, capsys):
+    """train.decoder_init: the parameters a stage-1 decoder shares (name and shape) come from it;
+    the stage-2-only ones (sequence input, all-atom and confidence heads) are the fresh init."""
+    from esm3_jax.inference.structure_tokenizer import load_decoder
+    from esm3_jax.train.vqvae.stages import Stage2
+
+    donor_dir = Path(encoder_dir).parent / "decoder"  # the fixture's stage-1 export beside its encoder
+    donor = {jax.tree_util.keystr(p): np.asarray(v)
+             for p, v in jax.tree_util.tree_leaves_with_path(load_decoder(donor_dir)[1]["params"])}
+    batch, key = _batch(), jax.random.PRNGKey(0)
+    fresh = Stage2(_stage2_cfg(encoder_dir)).init(batch, key)["params"]
+    started = Stage2(_stage2_cfg(encoder_dir, f"train.decoder_init={donor_dir}")).init(batch, key)["params"]
+    assert "decoder_init:" in capsys.readouterr().out
+    taken = kept = 0
+    for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(started), jax.tree_util.tree_leaves(fresh)):
+        name = jax.tree_util.keystr(path)
+        if name in donor and donor[name].shape == new.shape:
+            np.testing.assert_array_equal(np.asarray(new), donor[name])
+            taken += 1
+        else:
+            np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+            kept += 1
+    assert taken and kept and any("trunk" in n for n in donor)
+
+
+def test_decoder_init_is_a_stage2_option(encoder_dir):
+    from esm3_jax.train.vqvae.config import load_vqvae_config
+
+    with pytest.raises(ValueError, match="decoder_init"):
+        load_vqvae_config(ROOT / "configs" / "vqvae_small.yaml", ENCODER + TINY + ["train.decoder_init=/x"])

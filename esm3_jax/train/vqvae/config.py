@@ -49,6 +49,11 @@ class LossWeights:
 class VQVAETrainSettings:
     stage: int = 1
     encoder_checkpoint: str = ""  # stage 2: the frozen encoder (a structure-encoder params dir)
+    # Stage 2: a structure-decoder params dir (e.g. the stage-1 run's decoder/) whose weights start
+    # every decoder parameter of the same name and shape; the rest (sequence input, all-atom,
+    # pLDDT and pAE heads) start fresh. A fresh decoder spends most of a small budget relearning
+    # the backbone that stage 1 already decodes (BENCHMARKS.md, issue 20).
+    decoder_init: str = ""
     data_dir: str = ""  # folder with index.jsonl; '' = ../shared/data/structures
     max_train_chains: int = 0  # 0 = all
     max_valid_chains: int = 0  # the evaluated chains (for eval_split train, default: the training chains)
@@ -99,6 +104,8 @@ class VQVAETrainSettings:
             raise ValueError(f"train.stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and not self.encoder_checkpoint:
             raise ValueError("train.stage 2 trains a decoder for a frozen encoder: set train.encoder_checkpoint")
+        if self.decoder_init and self.stage != 2:
+            raise ValueError("train.decoder_init starts a stage-2 decoder from another decoder's weights: a stage-2 option")
         if self.esm3_checkpoint and self.stage != 2:
             raise ValueError("train.esm3_checkpoint (ESM3-predicted tokens) is a stage-2 option")
         if not 0.0 <= self.esm3_token_probability <= 1.0:

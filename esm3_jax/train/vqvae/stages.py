@@ -98,6 +98,31 @@ class Stage1:
         return enc_dir, dec_dir
 
 
+def _start_from_decoder(params: dict, directory: str) -> dict:
+    """`params` with every leaf that `directory`'s decoder has at the same path and shape taken
+    from it; prints how many were taken. A decoder that shares nothing is an error."""
+    from esm3_jax.inference.structure_tokenizer import load_decoder
+
+    _, variables = load_decoder(directory)
+    donor = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])}
+    taken, total = [0, 0], [0, 0]
+
+    def pick(path, leaf):
+        other = donor.get(jax.tree_util.keystr(path))
+        use = other is not None and other.shape == leaf.shape
+        taken[0] += use
+        taken[1] += leaf.size if use else 0
+        total[0] += 1
+        total[1] += leaf.size
+        return jnp.asarray(other, leaf.dtype) if use else leaf
+
+    params = jax.tree_util.tree_map_with_path(pick, params)
+    if not taken[0]:
+        raise ValueError(f"{directory}: train.decoder_init shares no parameter (name and shape) with this decoder")
+    print(f"decoder_init: {taken[0]} of {total[0]} decoder arrays ({taken[1]:,} of {total[1]:,} weights) from {directory}")
+    return params
+
+
 @functools.lru_cache(maxsize=2)
 def _stage1(cfg: VQVAEConfig) -> Stage1:
     """Stage-1 trainers hold only compiled functions of the config: reuse them within a process."""
@@ -151,6 +176,8 @@ class Stage2:
     def init(self, batch: dict, rng: jax.Array) -> dict:
         tokens, aa, _ = self.decoder_inputs(batch, rng)
         params = nn.unbox(jax.jit(lambda k, t, a: self.decoder.init(k, t, sequence_BxL=a))(rng, tokens, aa))["params"]
+        if self.cfg.train.decoder_init:
+            params = _start_from_decoder(params, self.cfg.train.decoder_init)
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
                 "rng": jax.random.fold_in(rng, 1)}
 
