@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.paths import STRUCTURES
+from tests.paths import CONFIGS, STRUCTURES
 from tests.reference import import_reference
 
 # The smallest shapes that still run every part: 1 encoder block, 1 decoder block, every ported loss.
@@ -28,17 +28,18 @@ def test_first_step_agrees_with_the_jax_trainer():
     from esm3_jax.train.vqvae.data import load_split, pad_chains
     from esm3_jax.train.vqvae.stages import Stage1, _has_structure
 
-    cfg = load_vqvae_config("configs/vqvae_small.yaml", TINY)
-    chains = load_split(STRUCTURES, "train", 2)
+    cfg = load_vqvae_config(CONFIGS / "vqvae_small.yaml", TINY)
+    chains = load_split(STRUCTURES, "train", 4)
     # One crop shorter than the batch's length (padding), one whole; a residue loses its CA.
-    chains = [dataclasses_replace(chains[0], 30), dataclasses_replace(chains[1], 40)]
-    host = pad_chains(chains, 40)
+    host = pad_chains([dataclasses_replace(chains[0], 30), dataclasses_replace(chains[1], 40)], 40)
     host["coords"][1, 7, 1] = np.nan
     host = _has_structure(host)
     assert host["valid"].sum() == 70 and host["has_structure"].sum() == 69
     xs = [{k: jnp.asarray(v) for k, v in host.items()}]
+    # The codebook is fitted to other chains, as the trainer fits it (same_start says why).
+    fit = _has_structure(pad_chains([dataclasses_replace(c, 40) for c in chains[2:]], 40))
     trainer = Stage1(cfg)
-    state, model = vqvae_step.same_start(trainer, xs[0])
+    state, model = vqvae_step.same_start(trainer, [{k: jnp.asarray(v) for k, v in fit.items()}])
     _, jax_first, _, _, checks = vqvae_step.first_steps(trainer, state, model, [host], xs, ("eager",))
     c = checks["eager"]
     assert set(c["losses"]) == {"distance", "direction", "distogram", "direction_bins", "inverse_folding",
@@ -47,7 +48,7 @@ def test_first_step_agrees_with_the_jax_trainer():
     assert max(c["relative_differences"].values()) < 2e-6, c["relative_differences"]
     # Adam's first step is about lr * sign(gradient): only a gradient within rounding of zero may differ.
     assert c["update_agreement"] > 0.999 and c["update_max_diff_in_lr"] < 2.5, c
-    assert c["codebook_relative_difference"] < 1e-5
+    assert c["codes_agree"] == 1.0 and c["codebook_relative_difference"] < 1e-5, c
 
 
 def dataclasses_replace(chain, n):
