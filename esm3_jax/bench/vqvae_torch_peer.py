@@ -399,6 +399,15 @@ class TorchStage1Step:
 
         ecfg = cfg.encoder
         ema = lambda cb, z, idx, mask, g: ema_codebook_step(cb, z, idx, mask, ecfg.ema_decay, ecfg.restart_threshold, g)
+        if compile:
+            # torch 2.13: a second process that loads this graph from inductor's on-disk caches
+            # fails replaying an output view ("shape '[94896226937024, 98, 98, 224]' is invalid");
+            # compiled afresh it runs. So every run compiles from scratch (the time is reported).
+            import torch._functorch.config
+            import torch._inductor.config
+
+            torch._functorch.config.enable_autograd_cache = False
+            torch._inductor.config.fx_graph_cache = False
         self.loss_fn = torch.compile(loss_fn) if compile else loss_fn
         self.ema = ema  # a few small ops; compiling them would only add a graph and a compile
         self.step_count = 0
