@@ -13,10 +13,13 @@ import pytest
 from tests.paths import CONFIGS, STRUCTURES
 from tests.reference import import_reference
 
-# The smallest shapes that still run every part: 1 encoder block, 1 decoder block, every ported loss.
+# The smallest shapes that still run every part: 1 encoder block, 1 decoder block, every ported
+# loss on (the distance loss at its default (5 Å)^2 clamp, FAPE at 10 Å).
 TINY = ["encoder.d_model=16", "encoder.v_heads=2", "encoder.n_layers=1", "encoder.d_out=8", "encoder.n_codes=32",
         "decoder.d_model=32", "decoder.n_heads=2", "decoder.n_layers=1", "train.batch_size=2", "train.crop_length=40",
-        "train.warmup_steps=0", "train.seed=3"]
+        "train.warmup_steps=0", "train.seed=3",
+        *(f"train.loss_weights.{k}=1.0" for k in ("distance", "direction", "distogram", "direction_bins",
+                                                   "inverse_folding", "fape")), "train.fape_clamp=10.0"]
 
 
 def test_first_step_agrees_with_the_jax_trainer():
@@ -43,7 +46,7 @@ def test_first_step_agrees_with_the_jax_trainer():
     _, jax_first, _, _, checks = vqvae_step.first_steps(trainer, state, model, [host], xs, ("eager",))
     c = checks["eager"]
     assert set(c["losses"]) == {"distance", "direction", "distogram", "direction_bins", "inverse_folding",
-                                "commitment", "total", "grad_norm"}
+                                "commitment", "fape", "total", "grad_norm"}
     assert all(jax_first[k] > 0 for k in c["losses"])  # every term is live
     assert max(c["relative_differences"].values()) < 2e-6, c["relative_differences"]
     # Adam's first step is about lr * sign(gradient): only a gradient within rounding of zero may differ.

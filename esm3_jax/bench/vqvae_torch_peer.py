@@ -13,7 +13,9 @@ for line in meaning:
   decoder only embeds token ids, and the inverse-folding head (the reference's RegressionHead
   class, added as `decoder.sequence_head`, the name the weight conversion maps);
 - the stage-1 losses of train/vqvae/loss.py: backbone distance and direction (clamped squared
-  errors), binned distogram and directions, inverse folding, commitment.
+  errors), binned distogram and directions, inverse folding, commitment, backbone FAPE.
+Like XLA, which drops what no loss reads, the loop runs the L x L pairwise head only when a
+binned loss is on.
 Padding is handled as ours handles it: the encoder gets the attention mask, and the decoder
 gives PAD positions a sequence id of their own, so real positions never attend to padding
 (the reference decoder ignores its attention mask).
@@ -36,7 +38,7 @@ from esm3_jax.train.vqvae.config import VQVAEConfig, VQVAETrainSettings
 from esm3_jax.train.vqvae.loss import DISTOGRAM_EDGES
 
 # The losses this module ports; a config that weights any other loss is refused.
-PORTED_LOSSES = ("distance", "direction", "distogram", "direction_bins", "inverse_folding", "commitment")
+PORTED_LOSSES = ("distance", "direction", "distogram", "direction_bins", "inverse_folding", "commitment", "fape")
 
 
 def check_portable(cfg: VQVAEConfig) -> None:
@@ -133,7 +135,7 @@ def _frame_rows(x_BxLxD):
     return torch.cat([pad, x_BxLxD, pad], dim=1)
 
 
-def stage1_forward(model, batch: Mapping) -> dict:
+def stage1_forward(model, batch: Mapping, pairwise: bool = True) -> dict:
     """Encoder (the reference's local-structure encoding) -> codebook (ported) -> decoder (the
     reference's stack and heads, reading codes through code_proj). Outputs over residues, as
     train/vqvae/model.py's VQVAE returns them, plus what the EMA step needs."""
@@ -157,12 +159,15 @@ def stage1_forward(model, batch: Mapping) -> dict:
     x = torch.where(is_code, _frame_rows(z_q @ model.code_proj), x)
     seq_id = (framed == T.STRUCTURE_PAD).long()
     x, _, _ = dec.decoder_stack(x, sequence_id=seq_id, affine=None, affine_mask=None, chain_id=torch.zeros_like(seq_id))
-    _, backbone = dec.affine_output_projection(x, affine=None, affine_mask=torch.zeros_like(framed, dtype=torch.bool))
-    n_dist, n_dir, _ = dec.pairwise_bins
-    pair = dec.pairwise_classification_head(x)[:, 1:-1, 1:-1]
-    out = {"backbone": backbone[:, 1:-1], "distogram_logits": pair[..., :n_dist],
-           "direction_logits": pair[..., n_dist:n_dist + n_dir], "commitment": commitment,
+    affine_12, backbone = dec.affine_output_projection(x, affine=None, affine_mask=torch.zeros_like(framed, dtype=torch.bool))
+    # Affine3D's flat layout: the 3 x 3 rotation row by row, then the translation.
+    out = {"backbone": backbone[:, 1:-1], "rot": affine_12[:, 1:-1, :9].unflatten(-1, (3, 3)),
+           "trans": affine_12[:, 1:-1, 9:], "commitment": commitment,
            "z": z.detach().reshape(B * L, -1), "tokens": idx.reshape(B * L), "has_token": has_token.reshape(B * L)}
+    if pairwise:
+        n_dist, n_dir, _ = dec.pairwise_bins
+        pair = dec.pairwise_classification_head(x)[:, 1:-1, 1:-1]
+        out.update(distogram_logits=pair[..., :n_dist], direction_logits=pair[..., n_dist:n_dist + n_dir])
     if hasattr(dec, "sequence_head"):
         out["sequence_logits"] = dec.sequence_head(x)[:, 1:-1]
     return out
@@ -273,6 +278,31 @@ def direction_classification_loss(logits, true, mask):
     return _masked_mean(_cross_entropy(logits, target), pair)
 
 
+def _gram_schmidt(x_axis, xy_plane, eps: float = 1e-10):
+    """model/frames.py's gram_schmidt: columns e1 (along x_axis), e2 (in the xy-plane), e3."""
+    torch = _import_torch()
+    e1 = x_axis / ((x_axis ** 2).sum(-1, keepdim=True) + eps).sqrt()
+    u = xy_plane - e1 * (e1 * xy_plane).sum(-1, keepdim=True)
+    e2 = u / ((u ** 2).sum(-1, keepdim=True) + eps).sqrt()
+    return torch.stack([e1, e2, torch.linalg.cross(e1, e2, dim=-1)], dim=-1)
+
+
+def backbone_fape_loss(pred_rot, pred_trans, pred, true, mask, clamp: float):
+    """train/vqvae/loss.py's backbone_fape_loss: every backbone atom in every residue's frame,
+    prediction against truth, the distance clamped at `clamp` Å and divided by 10 Å."""
+    torch = _import_torch()
+    B, L = mask.shape
+    true = _zero_missing(true, mask)
+    n, ca, c = true[..., 0, :], true[..., 1, :], true[..., 2, :]
+    true_rot, true_trans = _gram_schmidt(ca - c, n - ca), ca
+    local = lambda rot, t, x: torch.einsum("bimn,bijm->bijn", rot, x[:, None] - t[:, :, None])
+    pred_local = local(pred_rot, pred_trans, pred.reshape(B, 3 * L, 3))
+    true_local = local(true_rot, true_trans, true.reshape(B, 3 * L, 3))
+    err = (((pred_local - true_local) ** 2).sum(-1) + 1e-8).sqrt().reshape(B, L, L, 3)
+    pair = (mask[:, :, None, None] & mask[:, None, :, None]).expand(err.shape)
+    return _masked_mean(err.clamp(max=clamp), pair) / 10.0
+
+
 def inverse_folding_loss(logits, aa, mask):
     torch = _import_torch()
     known = mask & (aa < logits.shape[-1])
@@ -295,6 +325,8 @@ def stage1_losses(out: Mapping, batch: Mapping, t: VQVAETrainSettings) -> dict:
     if "sequence_logits" in out:
         losses["inverse_folding"] = inverse_folding_loss(out["sequence_logits"], batch["aa"], mask)
     losses["commitment"] = out["commitment"]
+    if w.fape:
+        losses["fape"] = backbone_fape_loss(out["rot"], out["trans"], pred, true, mask, t.fape_clamp)
     losses["total"] = sum(getattr(w, k) * v for k, v in losses.items())
     return losses
 
@@ -393,8 +425,10 @@ class TorchStage1Step:
         self.generator = torch.Generator().manual_seed(seed)
         settings = cfg.train
 
+        pairwise = bool(settings.loss_weights.distogram or settings.loss_weights.direction_bins)
+
         def loss_fn(m, b):
-            out = stage1_forward(m, b)
+            out = stage1_forward(m, b, pairwise)
             return stage1_losses(out, b, settings), (out["z"], out["tokens"], out["has_token"])
 
         ecfg = cfg.encoder
