@@ -3,7 +3,7 @@
 Every benchmark prints (1) esm3-jax against the reference implementation on identical config,
 weights and inputs, measured in the same process, and (2) model FLOP utilisation against the
 machine's matmul rate, measured in the same run with the same dtype. One module per benchmark:
-forward.py, train_step.py, vqvae.py, data.py, generate.py, preprocess.py (local vs Beam);
+forward.py, train_step.py, vqvae.py, vqvae_step.py, data.py, generate.py, preprocess.py (local vs Beam);
 vqvae_handedness.py measures what the VQ-VAE's losses pull toward, not speed.
 """
 
@@ -36,6 +36,19 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--chains", type=int, default=8)
     v.add_argument("--length", type=int, default=256)
     v.add_argument("--repeats", type=int, default=3)
+    s = sub.add_parser("vqvae-step", help="VQ-VAE stage-1 train step on real crops (residues/s); with --against-torch vs a "
+                                          "torch loop over the reference encoder and decoder")
+    s.add_argument("--config", default="configs/vqvae_small.yaml", help="a train-vqvae YAML (default configs/vqvae_small.yaml)")
+    s.add_argument("--batch", type=int, default=None, help="crops per step (default the config's train.batch_size)")
+    s.add_argument("--length", type=int, default=None, help="crop length (default the config's train.crop_length)")
+    s.add_argument("--steps", type=int, default=5, help="timed rounds, one step of each side per round")
+    s.add_argument("--chains", type=int, default=32, help="crops come from the first N training chains of the data folder")
+    s.add_argument("--batches", type=int, default=4, help="distinct batches, used in turn")
+    s.add_argument("--against-torch", action="store_true",
+                   help="time the PyTorch alternative alongside: the reference encoder and decoder, same weights, crops, losses, AdamW")
+    s.add_argument("--torch-modes", nargs="+", default=["eager", "compile"], choices=("eager", "compile"),
+                   help="with --against-torch: torch eager mode and/or torch.compile (default both)")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. train.loss_weights.distogram=0")
     h = sub.add_parser("vqvae-handedness", help="which VQ-VAE loss mixes fold a chain as its mirror image (descent on coordinates)")
     h.add_argument("--chain", default="mdanalysis_mmcif/5PTI.cif.gz:A",
                    help="FILE:CHAIN, a path or one relative to the shared structures (default 5PTI:A)")
@@ -87,6 +100,11 @@ def cli_main(args: argparse.Namespace) -> int:
         from esm3_jax.bench.vqvae import bench_vqvae
 
         bench_vqvae(args.chains, args.length, repeats=args.repeats)
+    elif args.what == "vqvae-step":
+        from esm3_jax.bench.vqvae_step import bench_vqvae_step
+
+        bench_vqvae_step(args.config, args.batch, args.length, args.steps, tuple(args.overrides), args.against_torch,
+                         tuple(args.torch_modes), n_chains=args.chains, n_batches=args.batches)
     elif args.what == "vqvae-handedness":
         from esm3_jax.bench.vqvae_handedness import MIXES, bench_vqvae_handedness
 

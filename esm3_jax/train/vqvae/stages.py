@@ -30,11 +30,17 @@ def _has_structure(batch):
     return batch | {"has_structure": finite & batch["valid"]}
 
 
-def _optimizer(t: VQVAETrainSettings):
-    return make_optimizer(TrainConfig(
+def optimizer_config(t: VQVAETrainSettings) -> TrainConfig:
+    """The update rule's settings: the VQ-VAE's schedule, decay and clipping; betas, eps and the
+    no-decay patterns are TrainConfig's defaults."""
+    return TrainConfig(
         steps=t.steps, learning_rate=t.learning_rate, warmup_steps=min(t.warmup_steps, t.steps - 1), min_lr_ratio=t.min_lr_ratio,
         weight_decay=t.weight_decay, grad_clip_norm=t.grad_clip_norm,
-    ))
+    )
+
+
+def _optimizer(t: VQVAETrainSettings):
+    return make_optimizer(optimizer_config(t))
 
 
 class Stage1:
