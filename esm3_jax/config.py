@@ -86,6 +86,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if annotation is str:
+        if value is None:  # `key=` on the command line (YAML reads an empty value as null): unset it
+            return ""
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

@@ -26,6 +26,7 @@ SMALL_STAGE2 = ROOT / "configs" / "vqvae_small_stage2.yaml"
 TINY = [
     "decoder.d_model=32", "decoder.n_heads=2", "decoder.n_layers=1", "train.batch_size=2", "train.crop_length=40",
     "train.max_train_chains=3", "train.max_valid_chains=2", "train.eval_max_length=64", "train.log_every=1",
+    "train.decoder_init=",  # configs/vqvae_small_stage2.yaml starts from a stage-1 run's decoder; these tests start fresh
 ]
 ENCODER = ["encoder.d_model=32", "encoder.v_heads=4", "encoder.d_out=8", "encoder.n_codes=32"]
 
