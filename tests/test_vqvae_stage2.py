@@ -241,7 +241,7 @@ def test_stage2_all_atom_training_and_decoding(encoder_dir, esm3_dir, tmp_path, 
 
 def test_stage2_decoder_starts_from_a_stage1_decoder(encoder_dir, capsys):
     """train.decoder_init: the parameters a stage-1 decoder shares (name and shape) come from it;
-    the stage-2-only ones (sequence input, all-atom and confidence heads) are the fresh init."""
+    the others (here the sequence input) are the fresh init."""
     from esm3_jax.inference.structure_tokenizer import load_decoder
     from esm3_jax.train.vqvae.stages import Stage2
 

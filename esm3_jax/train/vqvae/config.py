@@ -50,8 +50,8 @@ class VQVAETrainSettings:
     stage: int = 1
     encoder_checkpoint: str = ""  # stage 2: the frozen encoder (a structure-encoder params dir)
     # Stage 2: a structure-decoder params dir (e.g. the stage-1 run's decoder/) whose weights start
-    # every decoder parameter of the same name and shape; the rest (sequence input, all-atom,
-    # pLDDT and pAE heads) start fresh. A fresh decoder spends most of a small budget relearning
+    # every decoder parameter of the same name and shape; the rest (e.g. the sequence input)
+    # start fresh. A fresh decoder spends most of a small budget relearning
     # the backbone that stage 1 already decodes (BENCHMARKS.md, issue 20).
     decoder_init: str = ""
     data_dir: str = ""  # folder with index.jsonl; '' = ../shared/data/structures
