@@ -153,13 +153,16 @@ def test_train_vqvae_tiny_run_and_resume(tmp_path, capsys):
         "decoder.n_heads=2", "decoder.n_layers=1", "train.steps=3", "train.log_every=1", "train.batch_size=2",
         "train.crop_length=32", "train.max_train_chains=3", "train.max_valid_chains=2", "train.eval_max_length=64",
         "train.vq_warmup_steps=2", f"train.output_dir={tmp_path}",
+        # The config trains on FAPE alone; the paper's distance, direction and inverse-folding
+        # losses are turned on beside it so that their path runs too.
+        "train.loss_weights.distance=1", "train.loss_weights.direction=1", "train.loss_weights.inverse_folding=1",
     ]
     assert main(["train-vqvae", "--config", str(config), "--no-progress", *overrides]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["chains"] == 2 and 0 < result["codes_used"] <= 32 and np.isfinite(result["backbone_rmsd_mean"])
     rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
     header = rows[0].split(",")
-    assert len(rows) == 4 and {"distance", "direction", "commitment", "inverse_folding", "codebook_perplexity"} <= set(header)
+    assert len(rows) == 4 and {"fape", "distance", "direction", "commitment", "inverse_folding", "codebook_perplexity"} <= set(header)
     assert all(np.isfinite(float(x)) for x in rows[-1].split(","))
     capsys.readouterr()
     # Run again: it resumes from the last checkpoint instead of starting over.
