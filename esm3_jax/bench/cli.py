@@ -12,6 +12,13 @@ from __future__ import annotations
 import argparse
 
 
+
+def _add_torch_peer_arguments(parser, what: str) -> None:
+    """--against-torch and --torch-modes, shared by the benches that have a PyTorch peer."""
+    parser.add_argument("--against-torch", action="store_true", help=f"time the PyTorch alternative alongside: {what}")
+    parser.add_argument("--torch-modes", nargs="+", default=["eager", "compile"], choices=("eager", "compile"),
+                        help="with --against-torch: torch eager mode and/or torch.compile (default both)")
+
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     f = sub.add_parser("forward", help="ESM3 forward pass vs the reference (tokens/s, ratio, MFU)")
@@ -27,10 +34,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--against", nargs="+", metavar="KEY=VALUE",
                    help="also time a step with these overrides, alternating with the first in one process")
-    t.add_argument("--against-torch", action="store_true",
-                   help="time the PyTorch alternative alongside: the reference ESM3, same weights, batch, loss and AdamW")
-    t.add_argument("--torch-modes", nargs="+", default=["eager", "compile"], choices=("eager", "compile"),
-                   help="with --against-torch: torch eager mode and/or torch.compile (default both)")
+    _add_torch_peer_arguments(t, "the reference ESM3, same weights, batch, loss and AdamW")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. model.remat=full")
     v = sub.add_parser("vqvae", help="VQ-VAE encoding and decoding vs the reference (residues/s, ratios)")
     v.add_argument("--chains", type=int, default=8)
@@ -44,10 +48,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--steps", type=int, default=5, help="timed rounds, one step of each side per round")
     s.add_argument("--chains", type=int, default=32, help="crops come from the first N training chains of the data folder")
     s.add_argument("--batches", type=int, default=4, help="distinct batches, used in turn")
-    s.add_argument("--against-torch", action="store_true",
-                   help="time the PyTorch alternative alongside: the reference encoder and decoder, same weights, crops, losses, AdamW")
-    s.add_argument("--torch-modes", nargs="+", default=["eager", "compile"], choices=("eager", "compile"),
-                   help="with --against-torch: torch eager mode and/or torch.compile (default both)")
+    _add_torch_peer_arguments(s, "the reference encoder and decoder, same weights, crops, losses, AdamW")
     s.add_argument("overrides", nargs="*", help="config overrides, e.g. train.loss_weights.distogram=0")
     h = sub.add_parser("vqvae-handedness", help="which VQ-VAE loss mixes fold a chain as its mirror image (descent on coordinates)")
     h.add_argument("--chain", default="mdanalysis_mmcif/5PTI.cif.gz:A",
