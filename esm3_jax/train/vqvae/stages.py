@@ -111,21 +111,15 @@ def _start_from_decoder(params: dict, directory: str) -> dict:
 
     _, variables = load_decoder(directory)
     donor = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])}
-    taken, total = [0, 0], [0, 0]
-
-    def pick(path, leaf):
-        other = donor.get(jax.tree_util.keystr(path))
-        use = other is not None and other.shape == leaf.shape
-        taken[0] += use
-        taken[1] += leaf.size if use else 0
-        total[0] += 1
-        total[1] += leaf.size
-        return jnp.asarray(other, leaf.dtype) if use else leaf
-
-    params = jax.tree_util.tree_map_with_path(pick, params)
-    if not taken[0]:
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    matches = [donor.get(jax.tree_util.keystr(path)) for path, _ in paths_and_leaves]
+    matches = [m if m is not None and m.shape == leaf.shape else None for m, (_, leaf) in zip(matches, paths_and_leaves)]
+    if all(m is None for m in matches):
         raise ValueError(f"{directory}: train.decoder_init shares no parameter (name and shape) with this decoder")
-    print(f"decoder_init: {taken[0]} of {total[0]} decoder arrays ({taken[1]:,} of {total[1]:,} weights) from {directory}")
+    params = treedef.unflatten([leaf if m is None else jnp.asarray(m, leaf.dtype) for m, (_, leaf) in zip(matches, paths_and_leaves)])
+    taken = [leaf.size for m, (_, leaf) in zip(matches, paths_and_leaves) if m is not None]
+    total = sum(leaf.size for _, leaf in paths_and_leaves)
+    print(f"decoder_init: {len(taken)} of {len(matches)} decoder arrays ({sum(taken):,} of {total:,} weights) from {directory}")
     return params
 
 
