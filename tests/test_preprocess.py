@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -188,6 +189,11 @@ def test_cli_summary_and_unknown_input_type(tmp_path, capsys):
     odd.write_text("")
     assert cli.main(["preprocess", str(odd), "-o", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "unknown input type '.xyz'" in capsys.readouterr().err
+    # A pipe named like FASTA: a run reads its inputs twice (progress total, records), so refused by name.
+    pipe = tmp_path / "stream.fasta"
+    os.mkfifo(pipe)
+    assert cli.main(["preprocess", str(pipe), "-o", str(tmp_path / "o3"), "--no-progress"]) == 2
+    assert f"{pipe}: not a regular file" in capsys.readouterr().err
 
 
 def test_one_residue_and_all_unknown_chains_rejected_by_default(tmp_path, capsys):

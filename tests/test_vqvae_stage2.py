@@ -262,6 +262,9 @@ def test_stage2_decoder_starts_from_a_stage1_decoder(encoder_dir, capsys):
             np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
             kept += 1
     assert taken and kept and any("trunk" in n for n in donor)
+    # A resumed run takes its weights from its checkpoint: the donor is not read (it may be gone).
+    resumed = Stage2(_stage2_cfg(encoder_dir, f"train.decoder_init={donor_dir}/moved")).init(batch, key, resuming=True)
+    jax.tree.map(np.testing.assert_array_equal, resumed["params"], fresh)
 
 
 def test_decoder_init_is_a_stage2_option(encoder_dir):

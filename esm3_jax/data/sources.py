@@ -98,8 +98,12 @@ class ParseOptions:
 def open_text(path: str | Path) -> io.TextIOBase:
     """Open a text file, transparently gunzipping `*.gz`."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
+    if not p.is_file():
+        # Preprocessing reads an input twice (the progress total, then the records) and a resumed
+        # run checks its size: a pipe or a device can do neither.
+        raise ValueError(f"{p}: not a regular file (a pipe or device cannot be read twice); save it to a file first")
     if p.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8", errors="replace")
     return open(p, encoding="utf-8", errors="replace")

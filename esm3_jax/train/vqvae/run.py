@@ -38,7 +38,8 @@ def train(cfg: VQVAEConfig, progress: bool = True) -> dict[str, Any]:
     trainer = _stage1(cfg) if t.stage == 1 else Stage2(cfg)
     ckpt = Checkpointer(out_dir / "checkpoints", keep=2, async_save=False)
     first = _has_structure(next(batches(train_chains, t.batch_size, t.crop_length, t.seed)))
-    state = trainer.init(first, jax.random.PRNGKey(t.seed))
+    resuming = bool(ckpt.all_steps())
+    state = trainer.init(first, jax.random.PRNGKey(t.seed), resuming)
     restored = ckpt.restore_latest(state, None)
     start = 0
     if restored is not None:

@@ -55,14 +55,16 @@ class Stage1:
             {"params": p}, b["coords"], b["residue_index"], None, b["valid"],
             method=lambda m, *a: m.encoder.encode_continuous(*a)))
 
-    def init(self, batch: dict, rng: jax.Array) -> dict:
+    def init(self, batch: dict, rng: jax.Array, resuming: bool = False) -> dict:
+        """A fresh state, its codebook fitted to the first batch's encodings; `resuming` skips
+        that fit (the checkpoint replaces the state)."""
         k_params, k_code, k_init = jax.random.split(rng, 3)
         args = (batch["coords"], batch["residue_index"], batch["aa"], batch["valid"])
         variables = nn.unbox(jax.jit(self.model.init)({"params": k_params, COLLECTION: k_code}, *args))
         params = variables["params"]
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "codebook": variables[COLLECTION],
                  "opt_state": self.tx.init(params), "rng": jax.random.fold_in(rng, 1)}
-        return self.fit_codebook(state, [batch], k_init)
+        return state if resuming else self.fit_codebook(state, [batch], k_init)
 
     def fit_codebook(self, state: dict, some_batches: list[dict], rng: jax.Array) -> dict:
         """Data-dependent (re)initialisation: codes start at current encoder outputs."""
@@ -173,10 +175,12 @@ class Stage2:
         is_code = tokens < T.STRUCTURE_CODEBOOK_SIZE
         return jnp.where(use_B[:, None] & is_code, predicted, tokens), aa, use_B
 
-    def init(self, batch: dict, rng: jax.Array) -> dict:
+    def init(self, batch: dict, rng: jax.Array, resuming: bool = False) -> dict:
+        """A fresh state; with train.decoder_init the decoder starts from that decoder's weights,
+        unless `resuming` (the checkpoint replaces them, and the donor need not exist any more)."""
         tokens, aa, _ = self.decoder_inputs(batch, rng)
         params = nn.unbox(jax.jit(lambda k, t, a: self.decoder.init(k, t, sequence_BxL=a))(rng, tokens, aa))["params"]
-        if self.cfg.train.decoder_init:
+        if self.cfg.train.decoder_init and not resuming:
             params = _start_from_decoder(params, self.cfg.train.decoder_init)
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
                 "rng": jax.random.fold_in(rng, 1)}
