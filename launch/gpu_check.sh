@@ -99,7 +99,7 @@ summary = {
     "environment": stages.get("matmul", {}).get("environment"),
     "matmul": pick(res.get("matmul", {}), "bf16_matmul_flops", "datasheet_bf16_flops", "device_kind"),
     "train_step": pick(res.get("train-step", {}), "config", "batch", "length", "step_s", "tokens_per_s",
-                       "mfu_vs_measured_matmul", "mfu_vs_datasheet"),
+                       "mfu_vs_measured_matmul", "mfu_vs_datasheet", "attention", "cudnn_attention_calls"),
     "forward": pick(res.get("reference", {}).get("forward", {}), "jax_tokens_per_s", "reference_tokens_per_s", "speedup"),
     "generate": pick(res.get("reference", {}).get("generate", {}), "jax_proteins_per_s", "reference_proteins_per_s", "speedup"),
     "errors": {s: r["error"] for s, r in stages.items() if r.get("error")},

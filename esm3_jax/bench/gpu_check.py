@@ -74,32 +74,61 @@ def _device_bytes_limit(device) -> int | None:
     return (stats or {}).get("bytes_limit")
 
 
+def cudnn_attention_calls(hlo_text: str) -> dict:
+    """The cuDNN attention custom calls in a lowered program: forward and backward call sites, and
+    how many backward calls also compute the bias gradient. JAX before jax-ml/jax#39512 (merged
+    2026-07-31, after 0.11.0) turns a boolean mask into an additive bias and computes its
+    (B, 1, L, L) gradient in every layer's backward though nothing can use it."""
+    calls = [line for line in hlo_text.splitlines() if "custom_call @__cudnn$fmha" in line]
+    backward = [line for line in calls if "Backward" in line.split("(", 1)[0]]
+    # A backward call returns (dQ, dK, dV, [dbias,] workspace).
+    with_dbias = sum(line.rsplit("-> ", 1)[-1].count("tensor<") == 5 for line in backward)
+    return dict(forward=len(calls) - len(backward), backward=len(backward), backward_with_bias_gradient=with_dbias)
+
+
 def stage_train_step(shapes: dict, out: Path) -> dict:
     """The real train step (train/setup.py's), compiled ahead of time per candidate batch until one
-    fits the device's memory (by XLA's own memory analysis), then timed."""
+    fits the device's memory (by XLA's own memory analysis), then timed. With the configured
+    attention first, then plain XLA attention should that fail: a number either way, and why."""
+    from esm3_jax.train.config import load_config, resolve_config_path
+
+    errors = {}
+    configured = next((o.split("=", 1)[1] for o in shapes["overrides"] if o.startswith("model.attention=")), "xla")
+    for attention in dict.fromkeys((configured, "xla")):
+        cfg = load_config(resolve_config_path(shapes["config"]),
+                          [*shapes["overrides"], f"model.attention={attention}", "train.grad_accum_steps=1", "train.seed=0"])
+        try:
+            result = _fit_and_time_train_step(cfg, shapes, out)
+        except Exception as e:
+            errors[attention] = f"{type(e).__name__}: {str(e)[:500]}"
+            continue
+        return dict(result, attention_errors=errors) if errors else result
+    raise RuntimeError(f"the train step failed with every attention: {errors}")
+
+
+def _fit_and_time_train_step(cfg, shapes: dict, out: Path) -> dict:
     import jax
     import numpy as np
 
     from esm3_jax.batch import synthetic_train_batch
     from esm3_jax.model.flops import train_flops_per_token
     from esm3_jax.runtime.hardware import peak_flops_per_device
-    from esm3_jax.train.config import load_config, resolve_config_path
     from esm3_jax.train.setup import setup_training
 
     length = shapes["length"]
-    cfg = load_config(resolve_config_path(shapes["config"]),
-                      [*shapes["overrides"], "train.grad_accum_steps=1", "train.seed=0"])
     device = jax.devices()[0]
     run = setup_training(cfg, [device])
     state = run.fresh_state()
     limit = _device_bytes_limit(device)
-    tried = []
+    tried, attention_calls = [], None
     for batch in shapes["batches"]:
         host = synthetic_train_batch(batch, length)
         bsh = run.batch_shardings(host)
         x = {k: jax.device_put(v, bsh[k]) for k, v in host.items()}
         t0 = time.perf_counter()
-        compiled = run.train_step(bsh).lower(state, x).compile()
+        lowered = run.train_step(bsh).lower(state, x)
+        attention_calls = attention_calls or cudnn_attention_calls(lowered.as_text())
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         # Arguments (state and batch) + temporaries; outputs alias the donated state.
@@ -133,7 +162,8 @@ def stage_train_step(shapes: dict, out: Path) -> dict:
     flops = train_flops_per_token(cfg.model, length) * tokens
     result = dict(config=shapes["config"], overrides=list(shapes["overrides"]), length=length, batch=batch,
                   tokens_per_step=tokens, params=cfg.model.param_count(), dtype=str(np.dtype(cfg.model.dtype)),
-                  attention=cfg.model.attention, remat=cfg.model.remat, step_s=step_s, step_times=times,
+                  attention=cfg.model.attention, cudnn_attention_calls=attention_calls, remat=cfg.model.remat,
+                  step_s=step_s, step_times=times,
                   tokens_per_s=tokens / step_s, model_flops_per_step=flops, model_flops_per_s=flops / step_s,
                   loss=float(m["loss"]), device_bytes_limit=limit, candidates=tried)
     matmul = out / "matmul.json"

@@ -151,6 +151,9 @@ class InContext:
         with shd.sharding_context(self._mesh, self._rules):
             return self._jitted(*args)
 
-    def lower(self, *args):
+    def lower(self, *args, platforms: tuple[str, ...] | None = None):
+        """Lowered for this machine's backend, or for `platforms` (e.g. ("cuda",) from a CPU)."""
         with shd.sharding_context(self._mesh, self._rules):
-            return self._jitted.lower(*args)
+            if platforms is None:
+                return self._jitted.lower(*args)
+            return self._jitted.trace(*args).lower(lowering_platforms=platforms)
