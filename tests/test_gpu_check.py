@@ -40,7 +40,7 @@ def test_cudnn_train_step_lowers_for_cuda(monkeypatch):
     """The GPU check's own train step (the 1.4B config, cuDNN attention, full remat, bf16, a batch
     of its length 2048) lowered for CUDA on this CPU, cuDNN's version and compute-capability probes
     answered as an H100's: JAX's cuDNN shape and layout checks pass and the attention is cuDNN's,
-    forward and backward, before a GPU ever runs it."""
+    forward and backward, before a GPU ever runs it. Likewise the reference stage's forward pass."""
     import jax
 
     from esm3_jax.batch import synthetic_train_batch
@@ -68,3 +68,12 @@ def test_cudnn_train_step_lowers_for_cuda(monkeypatch):
     # backward, and the backward call; a bias gradient in the backward or not, by JAX version.
     assert calls["forward"] >= 2 and calls["backward"] >= 1, calls
     assert calls["backward_with_bias_gradient"] in (0, calls["backward"]), calls
+    # The reference stage's forward pass, the same way.
+    from esm3_jax.batch import random_inputs
+    from esm3_jax.inference.forward import make_forward
+
+    inputs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+              for k, v in random_inputs(shapes["forward_batch"], shapes["forward_length"]).items()}
+    forward = make_forward(cfg.model).trace(run.abstract_state.params, inputs).lower(lowering_platforms=("cuda",))
+    calls = gpu_check.cudnn_attention_calls(forward.as_text())
+    assert calls["forward"] >= 1 and calls["backward"] == 0, calls
