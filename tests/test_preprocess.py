@@ -168,6 +168,15 @@ def test_malformed_corpus_keeps_every_good_record_and_lists_every_bad_one(tmp_pa
         assert shard["sha256"] == pp._sha256(out / shard["file"])
 
 
+def test_structure_record_ids_name_the_chain_once(tmp_path):
+    """A file already named for its chain (1xyz_A.pdb) gives chain A the id 1xyz_A, as `fold`
+    names its output; other files get FILE_CHAIN."""
+    for name, expected in (("1xyz_A.pdb", "1xyz_A"), ("1xyz.pdb", "1xyz_A"), ("1xyz_B.pdb", "1xyz_B_A")):
+        (tmp_path / name).write_text(NO_BACKBONE_PDB)
+        [rejected] = src.parse_entry(src.Entry("structure", str(tmp_path / name), str(tmp_path / name)), src.ParseOptions())
+        assert (rejected.reason, rejected.record_id) == ("no backbone", expected)
+
+
 def test_everything_rejected_fails_loudly(tmp_path, capsys):
     fasta = tmp_path / "bad.fasta"
     fasta.write_text(">a\nMK1\n>b\n\n")
