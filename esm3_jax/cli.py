@@ -49,7 +49,8 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a verb. Called without argv (as the program), it first moves under tcmalloc when the
-    machine has it (esm3_jax/allocator.py); called with argv (in-process, as tests do), never."""
+    machine has it (runtime/allocator.py) and turns on XLA's persistent compilation cache
+    (runtime/compile_cache.py); called with argv (in-process, as tests do), neither."""
     as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in VERBS:
@@ -61,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     verb = argv[0]
     if as_program and not any(a in ("-h", "--help") for a in argv[1:]):
         from esm3_jax.runtime.allocator import reexec_under_tcmalloc
+        from esm3_jax.runtime.compile_cache import enable_by_default
 
         reexec_under_tcmalloc()
+        enable_by_default()  # before any verb module imports JAX, which reads it then
     # Before any verb module imports JAX (and JAX loads libtpu, when installed).
     from esm3_jax.runtime.tpu_env import quiet_libtpu_without_tpu
 
