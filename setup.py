@@ -26,6 +26,7 @@ setup(
         "biotite>=1.2,<2",
         "tmtools>=0.2",
         "scipy>=1.10",
+        "filelock>=3",  # JAX's compilation cache needs it to keep the folder under a size (runtime/compile_cache.py)
     ],
     extras_require={
         # The reference implementation, for parity tests and side-by-side benchmarks. torch is

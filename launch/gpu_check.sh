@@ -9,8 +9,8 @@
 # (flax, optax, esm, ...) from launch/gpu_wheels/ when the interpreter lacks it (README: how to
 # fill that folder). In at most ~8 minutes it writes, as JSON in OUTDIR:
 #   matmul.json      the card's bf16 matmul rate through XLA
-#   train-step.json  the 1.4B config's train step at length 2048, bf16, cuDNN attention, full
-#                    remat, largest batch that fits: tokens/s and MFU vs that rate and the datasheet
+#   train-step.json  the 1.4B config's train step at length 2048, bf16, cuDNN attention, the
+#                    first (remat, batch) that fits: tokens/s and MFU vs that rate and the datasheet
 #   reference.json   forward pass and batch generation vs the reference `esm` ESM3 on the same GPU
 #                    (the reference in bf16 autocast)
 #   summary.json     the headline numbers of the three

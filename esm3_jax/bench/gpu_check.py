@@ -6,8 +6,9 @@ Three stages, each its own process (the script runs them in turn, each under a t
 writing OUTDIR/STAGE.json, so that one that fails or runs out of time leaves the others' numbers:
 
   matmul      the card's bf16 matmul rate through XLA (JAX only: no torch in the process)
-  train-step  the 1.4B config's train step at length 2048, bf16, cuDNN attention, full remat, the
-              batch the largest that the compiled step's memory analysis says fits; its MFU
+  train-step  the 1.4B config's train step at length 2048, bf16, cuDNN attention, with the first
+              (remat, batch) of a short list, fastest expected first, that the compiled step's
+              memory analysis says fits; its MFU
               against the matmul rate measured by the first stage and against the datasheet peak
   reference   the forward pass and batch generation of the 1.4B config against the reference `esm`
               ESM3 on the same GPU (the reference in bf16 autocast, as its own ESM3.logits runs
@@ -33,13 +34,22 @@ from pathlib import Path
 STAGES = ("matmul", "train-step", "reference")
 
 # The shapes of a real check and of a dry run. One dict each, so that a dry run differs only here.
-REAL = dict(matmul_n=8192, config="esm3_open_1.4b", overrides=("model.attention=cudnn", "model.remat=full"),
-            length=2048, batches=(16, 8, 4, 2, 1), steps=5, forward_batch=8, forward_length=1024,
-            gen_lengths=(64, 91, 119, 146, 174, 201, 229, 256), gen_steps=16, repeats=3, memory_headroom=0.9)
-DRY = dict(matmul_n=256, config="tiny", overrides=("model.attention=xla", "model.remat=full",
-                                                   "model.compute_dtype=bfloat16"),
-           length=64, batches=(4, 2), steps=2, forward_batch=2, forward_length=32, gen_lengths=(16, 24),
-           gen_steps=4, repeats=1, memory_headroom=0.9)
+# The train step's (remat, batch) candidates, in the order of their expected speed: the first that
+# fits is measured. Saving the matmul outputs ("minimal") spares recomputing a block's forward (a
+# third more FLOPs under "full"); at the 1.4B config and length 2048 it keeps ~38 KB per token
+# and layer, ~3.7 GB per row, so a batch of 8 (~30 GB) is the estimate that fits in 80 GB beside
+# the 22 GB of fp32 parameters, gradients and Adam moments.
+REAL = dict(matmul_n=8192, config="esm3_open_1.4b", overrides=("model.attention=cudnn",),
+            length=2048, candidates=("minimal:8", "full:16", "full:8", "full:4", "full:2", "full:1"), steps=5,
+            forward_batch=8, forward_length=1024, gen_lengths=(64, 91, 119, 146, 174, 201, 229, 256), gen_steps=16,
+            repeats=3, memory_headroom=0.9)
+DRY = dict(matmul_n=256, config="tiny", overrides=("model.attention=xla", "model.compute_dtype=bfloat16"),
+           length=64, candidates=("minimal:4", "full:4", "full:2"), steps=2, forward_batch=2, forward_length=32,
+           gen_lengths=(16, 24), gen_steps=4, repeats=1, memory_headroom=0.9)
+
+
+def train_candidates(shapes: dict) -> list[tuple[str, int]]:
+    return [(remat, int(batch)) for remat, batch in (c.split(":") for c in shapes["candidates"])]
 
 
 def environment() -> dict:
@@ -117,11 +127,15 @@ def _fit_and_time_train_step(cfg, shapes: dict, out: Path) -> dict:
 
     length = shapes["length"]
     device = jax.devices()[0]
-    run = setup_training(cfg, [device])
-    state = run.fresh_state()
+    runs = {}  # remat -> its setup; the state is the same for every remat policy
+    state = None
     limit = _device_bytes_limit(device)
     tried, attention_calls = [], None
-    for batch in shapes["batches"]:
+    for remat, batch in train_candidates(shapes):
+        if remat not in runs:
+            runs[remat] = setup_training(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat)), [device])
+        run = runs[remat]
+        state = state if state is not None else run.fresh_state()
         host = synthetic_train_batch(batch, length)
         bsh = run.batch_shardings(host)
         x = {k: jax.device_put(v, bsh[k]) for k, v in host.items()}
@@ -134,7 +148,7 @@ def _fit_and_time_train_step(cfg, shapes: dict, out: Path) -> dict:
         # Arguments (state and batch) + temporaries; outputs alias the donated state.
         need = None if mem is None else int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
                                              + mem.output_size_in_bytes - mem.alias_size_in_bytes)
-        tried.append(dict(batch=batch, bytes_needed=need, compile_s=compile_s))
+        tried.append(dict(remat=remat, batch=batch, bytes_needed=need, compile_s=compile_s))
         if limit is not None and need is not None and need > shapes["memory_headroom"] * limit:
             continue
         try:
@@ -148,7 +162,7 @@ def _fit_and_time_train_step(cfg, shapes: dict, out: Path) -> dict:
             continue
         break
     else:
-        raise RuntimeError(f"no batch of {shapes['batches']} fits: {tried}")
+        raise RuntimeError(f"no (remat, batch) of {shapes['candidates']} fits: {tried}")
     state, m = compiled(state, x)  # one more untimed step
     jax.block_until_ready(m)
     times = []
@@ -159,6 +173,7 @@ def _fit_and_time_train_step(cfg, shapes: dict, out: Path) -> dict:
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     tokens = batch * length
+    cfg = run.cfg
     flops = train_flops_per_token(cfg.model, length) * tokens
     result = dict(config=shapes["config"], overrides=list(shapes["overrides"]), length=length, batch=batch,
                   tokens_per_step=tokens, params=cfg.model.param_count(), dtype=str(np.dtype(cfg.model.dtype)),
@@ -295,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
     shapes = DRY if args.dry_run else REAL
-    # Knobs for a card that differs from an 80 GB H100 (see README), e.g. GPU_CHECK_BATCHES="8 4".
-    if os.environ.get("GPU_CHECK_BATCHES"):
-        shapes = dict(shapes, batches=tuple(int(b) for b in os.environ["GPU_CHECK_BATCHES"].split()))
+    # Knobs for a card that differs from an 80 GB H100 (see README), e.g. GPU_CHECK_CANDIDATES="full:4 full:2".
+    if os.environ.get("GPU_CHECK_CANDIDATES"):
+        shapes = dict(shapes, candidates=tuple(os.environ["GPU_CHECK_CANDIDATES"].split()))
     record = dict(stage=args.stage, dry_run=args.dry_run, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     t0 = time.perf_counter()
     try:

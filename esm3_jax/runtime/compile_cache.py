@@ -14,6 +14,7 @@ is left as it is. The folder is kept under 4 GiB, least recently used entries dr
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -36,5 +37,8 @@ def enable_by_default(environ=os.environ) -> str | None:
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return environ["JAX_COMPILATION_CACHE_DIR"]
     environ["JAX_COMPILATION_CACHE_DIR"] = choice or str(default_dir(environ))
-    environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(DEFAULT_MAX_BYTES))
+    # JAX keeps the folder under a size with file locks; without filelock (a dependency of this
+    # package, but an environment may lack it) it would fail every cache read instead.
+    if importlib.util.find_spec("filelock") is not None:
+        environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(DEFAULT_MAX_BYTES))
     return environ["JAX_COMPILATION_CACHE_DIR"]
