@@ -108,6 +108,14 @@ def test_corrupted_latest_falls_back_to_previous_with_a_warning(saved, damage):
         step, state = ckpt.restore_latest(_abstract(states[2]), it)
     assert step == 2 and _same(state, states[2])
     np.testing.assert_array_equal(next(it), next_batch[2])
+    # The run goes on from step 2 and saves step 3 again: the broken step is replaced (Orbax
+    # refuses to save over an existing step), and the new one reads back.
+    ckpt.save(3, states[3], it, CONFIG)
+    ckpt.wait()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step, state = ckpt.restore_latest(_abstract(states[3]), _iterator())
+    assert step == 3 and _same(state, states[3]) and ckpt.all_steps() == [2, 3]
     ckpt.close()
 
 

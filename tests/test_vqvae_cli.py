@@ -4,6 +4,7 @@ decode-structure against the reference, bad input, and a tiny train-vqvae run (r
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import flax.linen as nn
@@ -168,6 +169,16 @@ def test_train_vqvae_tiny_run_and_resume(tmp_path, capsys):
     # Run again: it resumes from the last checkpoint instead of starting over.
     assert main(["train-vqvae", "--config", str(config), "--no-progress", *overrides]) == 0
     assert "resumed from step 3" in capsys.readouterr().out
+    # Every saved step unreadable: it starts over, fully initialised (the codebook fitted to the
+    # first batch as in a first run), and ends where the first run ended.
+    for step_dir in (tmp_path / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            shutil.rmtree(step_dir / "state")
+    with pytest.warns(RuntimeWarning, match="incomplete or corrupted"):
+        assert main(["train-vqvae", "--config", str(config), "--no-progress", *overrides]) == 0
+    assert "resumed" not in capsys.readouterr().out
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert {k: v for k, v in again.items() if "seconds" not in k} == {k: v for k, v in result.items() if "seconds" not in k}
     # Evaluate the exported checkpoints again, on crops of another length, without training.
     assert main(["train-vqvae", "--config", str(config), "--eval-only", *overrides[:-1],
                  f"train.output_dir={tmp_path}", "train.eval_max_length=16"]) == 0

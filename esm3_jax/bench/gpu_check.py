@@ -97,8 +97,8 @@ def cudnn_attention_calls(hlo_text: str) -> dict:
 
 
 def stage_train_step(shapes: dict, out: Path) -> dict:
-    """The real train step (train/setup.py's), compiled ahead of time per candidate batch until one
-    fits the device's memory (by XLA's own memory analysis), then timed. With the configured
+    """The real train step (train/setup.py's), compiled ahead of time per (remat, batch) candidate
+    until one fits the device's memory (by XLA's own memory analysis), then timed. With the configured
     attention first, then plain XLA attention should that fail: a number either way, and why."""
     from esm3_jax.train.config import load_config, resolve_config_path
 

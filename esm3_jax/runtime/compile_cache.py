@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 DEFAULT_MAX_BYTES = 4 << 30
-_OFF = ("off", "0", "false", "no", "none")
+_OFF = ("off", "0", "false", "no")
 
 
 def default_dir(environ=os.environ) -> Path:
@@ -32,7 +32,7 @@ def enable_by_default(environ=os.environ) -> str | None:
     this must run first: it never imports JAX, and verbs that need no JAX do not pay for it).
     Returns the folder in use, or None when the cache is off."""
     choice = environ.get("ESM3_JAX_COMPILE_CACHE", "").strip()
-    if choice.lower() in _OFF and choice:
+    if choice.lower() in _OFF:
         return None
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return environ["JAX_COMPILATION_CACHE_DIR"]

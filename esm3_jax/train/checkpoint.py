@@ -91,12 +91,19 @@ class Checkpointer:
                 create=True,
             ),
         )
+        self._unreadable: set[int] = set()  # steps restore_latest had to skip
 
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
 
     def save(self, step: int, state: dict[str, Any], data_iter: Any, config: dict) -> None:
         """Start saving (returns once the arrays are on the host; the writing goes on behind)."""
+        if step in self._unreadable:
+            # A step restore_latest could not read, reached again after resuming from an earlier
+            # one: replaced (Orbax refuses to save over an existing step, which ended the run).
+            log.warning("replacing the unreadable checkpoint %s/%d", self.directory, step)
+            self._mngr.delete(int(step))
+            self._unreadable.discard(step)
         meta = {"step": int(step), "checksum": state_checksum(state), "time": time.time(),
                 "process_count": jax.process_count()}
         items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
@@ -124,6 +131,7 @@ class Checkpointer:
                        f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); trying the previous one")
                 log.warning(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                self._unreadable.add(step)
         return None
 
     def saved_config(self) -> dict | None:

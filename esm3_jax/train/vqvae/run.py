@@ -45,6 +45,8 @@ def train(cfg: VQVAEConfig, progress: bool = True) -> dict[str, Any]:
     if restored is not None:
         start, state = restored
         print(f"resumed from step {start}")
+    elif resuming:  # no saved step reads back intact: a fresh start after all, fully initialised
+        state = trainer.init(first, jax.random.PRNGKey(t.seed))
 
     metrics_path = out_dir / "metrics.csv"
     writer, fh = None, None
