@@ -20,6 +20,14 @@ def test_default_folder_and_overrides(tmp_path):
     assert compile_cache.enable_by_default(env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
 
 
+def test_a_folder_that_cannot_be_made_turns_the_cache_off(tmp_path, capsys):
+    """Not a warning at every compile: the cache is off, said once, and the command goes on."""
+    (tmp_path / "a_file").write_text("")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "a_file")}
+    assert compile_cache.enable_by_default(env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
+    assert f"compilation cache off, cannot use {tmp_path / 'a_file' / 'esm3-jax' / 'xla'}" in capsys.readouterr().err
+
+
 def test_the_command_compiles_into_the_cache_and_reads_it_back(tmp_path):
     """Run as a program (through the re-exec under tcmalloc), a command writes what it compiles
     for over 1 s into the folder, and the same command again finds all of it there."""
