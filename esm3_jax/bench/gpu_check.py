@@ -102,18 +102,21 @@ def stage_train_step(shapes: dict, out: Path) -> dict:
     attention first, then plain XLA attention should that fail: a number either way, and why."""
     from esm3_jax.train.config import load_config, resolve_config_path
 
+    cfg = load_config(resolve_config_path(shapes["config"]),
+                      [*shapes["overrides"], "train.grad_accum_steps=1", "train.seed=0"])
     errors = {}
-    configured = next((o.split("=", 1)[1] for o in shapes["overrides"] if o.startswith("model.attention=")), "xla")
-    for attention in dict.fromkeys((configured, "xla")):
-        cfg = load_config(resolve_config_path(shapes["config"]),
-                          [*shapes["overrides"], f"model.attention={attention}", "train.grad_accum_steps=1", "train.seed=0"])
+    for attention in dict.fromkeys((cfg.model.attention, "xla")):
         try:
-            result = _fit_and_time_train_step(cfg, shapes, out)
+            result = _fit_and_time_train_step(_with_model(cfg, attention=attention), shapes, out)
         except Exception as e:
             errors[attention] = f"{type(e).__name__}: {str(e)[:500]}"
             continue
         return dict(result, attention_errors=errors) if errors else result
     raise RuntimeError(f"the train step failed with every attention: {errors}")
+
+
+def _with_model(cfg, **changes):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))
 
 
 def _fit_and_time_train_step(cfg, shapes: dict, out: Path) -> dict:
@@ -133,7 +136,7 @@ def _fit_and_time_train_step(cfg, shapes: dict, out: Path) -> dict:
     tried, attention_calls = [], None
     for remat, batch in train_candidates(shapes):
         if remat not in runs:
-            runs[remat] = setup_training(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat)), [device])
+            runs[remat] = setup_training(_with_model(cfg, remat=remat), [device])
         run = runs[remat]
         state = state if state is not None else run.fresh_state()
         host = synthetic_train_batch(batch, length)
@@ -141,7 +144,8 @@ def _fit_and_time_train_step(cfg, shapes: dict, out: Path) -> dict:
         x = {k: jax.device_put(v, bsh[k]) for k, v in host.items()}
         t0 = time.perf_counter()
         lowered = run.train_step(bsh).lower(state, x)
-        attention_calls = attention_calls or cudnn_attention_calls(lowered.as_text())
+        if attention_calls is None:  # the same attention in every candidate: count it once
+            attention_calls = cudnn_attention_calls(lowered.as_text())
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
@@ -173,11 +177,11 @@ def _fit_and_time_train_step(cfg, shapes: dict, out: Path) -> dict:
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     tokens = batch * length
-    cfg = run.cfg
-    flops = train_flops_per_token(cfg.model, length) * tokens
+    model = run.cfg.model  # the measured candidate's remat
+    flops = train_flops_per_token(model, length) * tokens
     result = dict(config=shapes["config"], overrides=list(shapes["overrides"]), length=length, batch=batch,
-                  tokens_per_step=tokens, params=cfg.model.param_count(), dtype=str(np.dtype(cfg.model.dtype)),
-                  attention=cfg.model.attention, cudnn_attention_calls=attention_calls, remat=cfg.model.remat,
+                  tokens_per_step=tokens, params=model.param_count(), dtype=str(np.dtype(model.dtype)),
+                  attention=model.attention, cudnn_attention_calls=attention_calls, remat=model.remat,
                   step_s=step_s, step_times=times,
                   tokens_per_s=tokens / step_s, model_flops_per_step=flops, model_flops_per_s=flops / step_s,
                   loss=float(m["loss"]), device_bytes_limit=limit, candidates=tried)

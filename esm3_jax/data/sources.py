@@ -437,12 +437,11 @@ def _parse_structure_file(entry: Entry, options: ParseOptions) -> list[RawProtei
     looks_predicted, pdb_id = _file_header(path)
     predicted = options.plddt == "bfactor" or (options.plddt == "auto" and looks_predicted)
     domains = _scope_domains_cached(options.scope_domains_path) if options.scope_domains_path else {}
-    # Record ids are chains named as every output names them (1A0J_A.pdb chain A -> 1A0J_A).
-    base = name.rstrip("/").rsplit("/", 1)[-1]
+    # Record ids name chains as every output does (1A0J_A.pdb chain A -> 1A0J_A).
     out: list[RawProtein | SourceError] = []
     for chain in items:
         if isinstance(chain, StructureError):
-            rid = sio.chain_name(base, chain.chain) if chain.chain is not None else None
+            rid = sio.chain_name(name, chain.chain) if chain.chain is not None else None
             out.append(SourceError(_STRUCTURE_REASONS.get(chain.reason, chain.reason), named(str(chain)), rid))
             continue
         try:
@@ -451,11 +450,11 @@ def _parse_structure_file(entry: Entry, options: ParseOptions) -> list[RawProtei
             ss8, sasa_L = features.dssp_ss8(chain), features.sasa(chain)
         except (features.DsspError, subprocess.TimeoutExpired, ValueError) as e:
             detail = named(f"{chain.name}: {e}")
-            out.append(SourceError("structure features failed", detail, sio.chain_name(base, chain.chain_id)))
+            out.append(SourceError("structure features failed", detail, sio.chain_name(name, chain.chain_id)))
             continue
         out.append(
             RawProtein(
-                id=sio.chain_name(base, chain.chain_id),
+                id=sio.chain_name(name, chain.chain_id),
                 source=f"{name}:{chain.chain_id}",
                 sequence=chain.sequence,
                 ss8=ss8,
